@@ -1,0 +1,313 @@
+"""The one configuration object, built from defaults < HETERO_* environment < options=.
+
+Every knob is declared once in `_FIELDS` with its parser and one line of doc; the README's
+options table lists the same keys (a test keeps them in step). Parsing happens here and only
+here: passes read the frozen `HeteroConfig` and the resolved `Target`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from hetero.compiler.errors import ConfigError
+from hetero.compiler.units import format_bytes, parse_size
+
+Role = Literal["accel", "host"]
+ROLES: tuple[Role, ...] = ("accel", "host")
+ENV_PREFIX = "HETERO_"
+
+
+@dataclass(frozen=True)
+class PlaceRule:
+    """`{"match": REGEX, "role": ROLE}`: REGEX is searched in a node's module paths and class names."""
+
+    match: str
+    role: Role
+
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        return re.compile(self.match)
+
+    def to_dict(self) -> dict[str, str]:
+        return {"match": self.match, "role": self.role}
+
+
+Budget = int | Literal["auto"] | None
+
+
+@dataclass(frozen=True)
+class HeteroConfig:
+    accel: Literal["auto", "cuda", "cpu"] = "auto"
+    place: tuple[PlaceRule, ...] = ()
+    accel_memory_budget: Budget = "auto"
+    host_embedding_bytes: int = 1 << 30
+    partition_compiler: Literal["inductor", "eager"] = "inductor"
+    dump_dir: str | None = None
+    strict: bool = False
+    print_before: tuple[str, ...] = ()
+    print_after: tuple[str, ...] = ()
+    verify_each: bool = False
+
+    @classmethod
+    def build(
+        cls, options: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
+    ) -> HeteroConfig:
+        """defaults < HETERO_* environment < options. Raises ConfigError on any unknown key or bad value."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for var, text in env.items():
+            if not var.startswith(ENV_PREFIX):
+                continue
+            key = var[len(ENV_PREFIX) :].lower()
+            _check_known(key, where=f"environment variable {var}", prefix=ENV_PREFIX, upper=True)
+            values[key] = _FIELDS[key].parse(key, text, True)
+        if options is not None:
+            if not isinstance(options, Mapping):
+                raise ConfigError(
+                    f"options must be a dict of option names to values, got {type(options).__name__}"
+                )
+            for key, value in options.items():
+                _check_known(str(key), where="option")
+                values[key] = _FIELDS[key].parse(key, value, False)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> HeteroConfig:
+        """A copy with `changes` parsed like options=."""
+        for key in changes:
+            _check_known(key, where="option")
+        parsed = {k: _FIELDS[k].parse(k, v, False) for k, v in changes.items()}
+        return dataclasses.replace(self, **parsed)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["place"] = [r.to_dict() for r in self.place]
+        out["print_before"] = list(self.print_before)
+        out["print_after"] = list(self.print_after)
+        return out
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where each role runs, resolved once from the config and the machine."""
+
+    accel: Literal["cuda", "cpu"]
+    accel_device: torch.device
+    host_device: torch.device
+    accel_memory_budget: int | None  # bytes of parameters accel may hold; None: no limit
+
+    def device(self, role: Role) -> torch.device:
+        return self.accel_device if role == "accel" else self.host_device
+
+    @classmethod
+    def from_config(cls, config: HeteroConfig) -> Target:
+        accel = config.accel
+        if accel == "auto":
+            accel = "cuda" if torch.cuda.is_available() else "cpu"
+        elif accel == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(
+                "option 'accel' is 'cuda' but torch.cuda.is_available() is False on this machine; "
+                "use accel='auto' (cuda when present, else cpu) or accel='cpu'"
+            )
+        accel_device = (
+            torch.device("cuda", torch.cuda.current_device()) if accel == "cuda" else torch.device("cpu")
+        )
+        budget = config.accel_memory_budget
+        if budget == "auto":
+            # Leave a fifth of the card for activations, the KV cache and workspace.
+            budget = (
+                int(torch.cuda.get_device_properties(accel_device).total_memory * 0.8)
+                if accel == "cuda"
+                else None
+            )
+        return cls(accel, accel_device, torch.device("cpu"), budget)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Field parsers. Each takes (key, value, from_env) and returns the typed value or raises ConfigError.
+
+
+@dataclass(frozen=True)
+class _Field:
+    parse: Callable[[str, Any, bool], Any]
+    doc: str
+
+
+def _bad(key: str, value: Any, expected: str) -> ConfigError:
+    return ConfigError(f"option {key!r}: got {value!r}; expected {expected}")
+
+
+def _choice(*choices: str) -> Callable[[str, Any, bool], str]:
+    def parse(key: str, value: Any, from_env: bool) -> str:
+        if value in choices:
+            return value
+        near = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ConfigError(
+            f"option {key!r}: got {value!r}; valid choices are {', '.join(map(repr, choices))}{hint}"
+        )
+
+    return parse
+
+
+def _bool(key: str, value: Any, from_env: bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    if (
+        from_env
+        and isinstance(value, str)
+        and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off", "")
+    ):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    raise _bad(key, value, "True or False" + (" (or 1/0 in the environment)" if from_env else ""))
+
+
+def _size(key: str, value: Any, from_env: bool) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise _bad(key, value, "a number of bytes or a size string such as '20GiB'")
+    try:
+        size = parse_size(value) if isinstance(value, str) else value
+    except ValueError as e:
+        raise ConfigError(f"option {key!r}: {e}") from None
+    if size < 0:
+        raise _bad(key, value, "a size of zero or more bytes")
+    return size
+
+
+def _budget(key: str, value: Any, from_env: bool) -> Budget:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "unlimited")):
+        return None
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return _size(key, value, from_env)
+    except ConfigError as e:
+        raise ConfigError(f"{e}; or 'auto' (80% of the accel device's memory) or None (no limit)") from None
+
+
+def _optional_path(key: str, value: Any, from_env: bool) -> str | None:
+    if value is None or (from_env and value == ""):
+        return None
+    if isinstance(value, (str, os.PathLike)):
+        return os.fspath(value)
+    raise _bad(key, value, "a folder path or None")
+
+
+def _names(key: str, value: Any, from_env: bool) -> tuple[str, ...]:
+    """Pass names: a list, or a comma-separated string; 'all' means every pass."""
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise _bad(key, value, "a list of pass names, a comma-separated string of them, or 'all'")
+    from hetero.compiler.pipeline import PASS_NAMES  # the runner owns the list of passes
+
+    for name in value:
+        if name != "all" and name not in PASS_NAMES:
+            near = difflib.get_close_matches(name, PASS_NAMES, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(
+                f"option {key!r}: unknown pass {name!r}; passes are {', '.join(PASS_NAMES)}, or 'all'{hint}"
+            )
+    return tuple(value)
+
+
+def _place(key: str, value: Any, from_env: bool) -> tuple[PlaceRule, ...]:
+    if isinstance(value, str):
+        value = _place_from_text(key, value)
+    if isinstance(value, Mapping):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise _bad(key, value, 'a list of rules like [{"match": "experts", "role": "host"}]')
+    rules = []
+    for i, rule in enumerate(value):
+        where = f"option {key!r}, rule {i}"
+        if isinstance(rule, PlaceRule):
+            rule = rule.to_dict()
+        if not isinstance(rule, Mapping):
+            raise ConfigError(
+                f'{where}: got {rule!r}; expected a dict like {{"match": "experts", "role": "host"}}'
+            )
+        for k in rule:
+            if k not in ("match", "role"):
+                near = difflib.get_close_matches(str(k), ("match", "role"), n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+                raise ConfigError(f"{where}: unknown key {k!r}; a rule has the keys 'match' and 'role'{hint}")
+        if "match" not in rule or "role" not in rule:
+            raise ConfigError(
+                f"{where}: {dict(rule)!r} needs both 'match' (a regex) and 'role' ('host' or 'accel')"
+            )
+        regex, role = rule["match"], rule["role"]
+        if not isinstance(regex, str):
+            raise ConfigError(f"{where}: 'match' must be a regex string, got {regex!r}")
+        try:
+            re.compile(regex)
+        except re.error as e:
+            raise ConfigError(f"{where}: 'match' {regex!r} is not a valid regular expression: {e}") from None
+        role = _choice(*ROLES)(f"{key}[{i}].role", role, from_env)
+        rules.append(PlaceRule(regex, role))
+    return tuple(rules)
+
+
+def _place_from_text(key: str, text: str) -> Any:
+    """JSON, or the llama.cpp-like shorthand 'REGEX=ROLE;REGEX=ROLE'."""
+    text = text.strip()
+    if text.startswith(("[", "{")):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"option {key!r}: cannot read {text!r} as JSON: {e}") from None
+    rules = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        regex, sep, role = part.rpartition("=")
+        if not sep:
+            raise ConfigError(f"option {key!r}: cannot read {part!r}; write REGEX=ROLE, e.g. 'experts=host'")
+        rules.append({"match": regex, "role": role})
+    return rules
+
+
+_FIELDS: dict[str, _Field] = {
+    "accel": _Field(
+        _choice("auto", "cuda", "cpu"), "device of the accel role: 'auto' = cuda if available, else cpu"
+    ),
+    "place": _Field(_place, 'placement rules [{"match": REGEX, "role": "host"|"accel"}], first match wins'),
+    "accel_memory_budget": _Field(
+        _budget, "parameter bytes accel may hold ('20GiB', bytes, 'auto' = 80% of the GPU, None = no limit)"
+    ),
+    "host_embedding_bytes": _Field(_size, "embedding tables at least this large live on host (default 1GiB)"),
+    "partition_compiler": _Field(_choice("inductor", "eager"), "what compiles each partition"),
+    "dump_dir": _Field(
+        _optional_path, "folder for per-graph dumps (graph text after each pass, summary.json, ...)"
+    ),
+    "strict": _Field(_bool, "turn every fallback into an error"),
+    "print_before": _Field(_names, "print the graph before these passes ('all' for every pass)"),
+    "print_after": _Field(_names, "print the graph after these passes ('all' for every pass)"),
+    "verify_each": _Field(_bool, "check the graph's invariants after every pass"),
+}
+assert set(_FIELDS) == {f.name for f in dataclasses.fields(HeteroConfig)}
+
+
+def option_docs() -> dict[str, str]:
+    """Option name -> one-line doc, for the CLI and the README check."""
+    return {k: f.doc for k, f in _FIELDS.items()}
+
+
+def _check_known(key: str, *, where: str, prefix: str = "", upper: bool = False) -> None:
+    if key in _FIELDS:
+        return
+    shown = [prefix + (k.upper() if upper else k) for k in _FIELDS]
+    got = prefix + (key.upper() if upper else key)
+    near = difflib.get_close_matches(got, shown, n=1)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    raise ConfigError(f"unknown {where} {got!r}; valid ones are {', '.join(shown)}{hint}")
+
+
+def describe_budget(budget: int | None) -> str:
+    return "no limit" if budget is None else format_bytes(budget)

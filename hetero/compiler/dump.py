@@ -1,0 +1,80 @@
+"""Dump folders: one per compiled graph, under options["dump_dir"] (or HETERO_DUMP_DIR).
+
+    DUMP_DIR/
+      .hetero-dumps            marker: hetero created this folder
+      000-graph_0_0/
+        00_input.txt           the graph as AOTAutograd gave it
+        01_canonicalize.txt    ... one file per pass, in pipeline order
+        pipeline.json          the pipeline and config used, so the run can be replayed
+        summary.json           the report (same dict as hetero.explain(...).to_dict())
+        schedule.json          the Schedule the runtime executes
+        graph.dot / graph.svg  partitions and transfers (svg when Graphviz's `dot` is installed)
+
+hetero never deletes or overwrites a user's files: it writes only into a folder it created
+(marked) or an empty one, and each graph gets a new numbered subfolder.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+from typing import Any
+
+from hetero.compiler.errors import HeteroError
+
+MARKER = ".hetero-dumps"
+
+
+class DumpFolder:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def create(cls, dump_dir: str, graph_name: str) -> DumpFolder:
+        root = Path(dump_dir)
+        if root.exists() and not root.is_dir():
+            raise HeteroError(f"dump_dir {str(root)!r} exists and is not a folder")
+        if root.is_dir() and any(root.iterdir()) and not (root / MARKER).exists():
+            raise HeteroError(
+                f"dump_dir {str(root)!r} is not empty and was not created by hetero; "
+                "hetero will not write among your files. Choose a new or empty folder."
+            )
+        root.mkdir(parents=True, exist_ok=True)
+        (root / MARKER).touch()
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", graph_name)
+        for seq in range(len(list(root.iterdir())) + 1):
+            path = root / f"{seq:03d}-{safe}"
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue
+            return cls(path)
+        raise AssertionError("unreachable: one of the numbers above is free")
+
+    def write_text(self, name: str, text: str) -> Path:
+        target = self.path / name
+        target.write_text(text)
+        return target
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        return self.write_text(name, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+    def write_dot(self, name: str, dot_text: str) -> None:
+        """graph.dot always; graph.svg too when Graphviz's `dot` is on PATH."""
+        dot_path = self.write_text(name, dot_text)
+        dot = shutil.which("dot")
+        if dot is None:
+            return
+        try:
+            subprocess.run(
+                [dot, "-Tsvg", str(dot_path), "-o", str(dot_path.with_suffix(".svg"))],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+        except (subprocess.SubprocessError, OSError) as e:
+            warnings.warn(f"hetero: rendering {dot_path} to SVG failed: {e}", stacklevel=2)

@@ -1,0 +1,37 @@
+"""Typed errors. Every error hetero raises on purpose is a `HeteroError`.
+
+Messages say where, what, why and what to do, e.g.
+
+    [place] node %topk_3 (aten.topk.default, f32[8,64], model.layers.3.mlp.gate):
+    no host kernel for this op. hint: options={"place": [...]}
+"""
+
+from __future__ import annotations
+
+
+class HeteroError(Exception):
+    """Base class of all errors hetero raises on purpose."""
+
+
+class ConfigError(HeteroError, ValueError):
+    """A bad option, environment variable or CLI flag."""
+
+
+class FallbackError(HeteroError):
+    """hetero had to fall back (another role, another compiler, Inductor) and strict=True forbids it."""
+
+
+class PlacementError(FallbackError):
+    """A node cannot run where it was asked to."""
+
+
+class PassError(HeteroError):
+    """A pass failed; the message names the pass and the original error."""
+
+    def __init__(self, pass_name: str, message: str) -> None:
+        super().__init__(f"[{pass_name}] {message}")
+        self.pass_name = pass_name
+
+
+class TargetError(HeteroError):
+    """A CLI TARGET (zoo:NAME or path/to/file.py:factory) could not be loaded."""
