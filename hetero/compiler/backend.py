@@ -1,0 +1,312 @@
+"""The torch.compile backend "hetero" (entry point group torch_dynamo_backends).
+
+    Dynamo graph ─► AOTAutograd (functional ATen, inference) ─► pipeline ─► partitions compiled
+    (Inductor or eager) ─► Executor running the Schedule
+
+A graph that needs gradients is compiled unchanged by Inductor, and the summary says why.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import fx
+
+from hetero.compiler import meta
+from hetero.compiler.config import HeteroConfig, Target
+from hetero.compiler.dot import partition_dot
+from hetero.compiler.dump import DumpFolder
+from hetero.compiler.errors import ConfigError, FallbackError, HeteroError
+from hetero.compiler.meta import ParamInfo
+from hetero.compiler.pipeline import DEFAULT_PIPELINE, Diagnostics, PassContext, run_pipeline
+from hetero.compiler.report import Report, build_report, publish
+from hetero.compiler.units import format_bytes
+
+
+def hetero_backend(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    *,
+    options: dict[str, Any] | None = None,
+    mode: str | None = None,
+) -> Callable[..., Any]:
+    if mode not in (None, "default"):
+        raise ConfigError(
+            f"torch.compile(mode={mode!r}) is not supported by the hetero backend; "
+            "leave mode unset and pass hetero's settings as options={...}"
+        )
+    config = HeteroConfig.build(options)
+    target = Target.from_config(config)
+    name = _graph_name()
+    if torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs
+    ):
+        return _compile_for_autograd(gm, example_inputs, config, target, name)
+    flat_inputs, params = _flat_inputs(gm, example_inputs)
+    # Real tensors of parameters, for weights that must be copied to another device once.
+    weights = {i: t for i, (t, p) in enumerate(zip(flat_inputs, params, strict=True)) if p is not None}
+
+    def inference_compiler(aot_gm: fx.GraphModule, fake_inputs: Sequence[Any]) -> Callable[..., Any]:
+        return compile_inference(aot_gm, params, weights, config, target, name)
+
+    from torch._dynamo.backends.common import aot_autograd
+
+    return aot_autograd(fw_compiler=inference_compiler)(gm, example_inputs)
+
+
+def compile_inference(
+    gm: fx.GraphModule,
+    params: Sequence[ParamInfo | None],
+    weights: dict[int, torch.Tensor],
+    config: HeteroConfig,
+    target: Target,
+    name: str,
+) -> Callable[..., Any]:
+    """Run the pipeline on an AOTAutograd inference graph and return the Executor for its Schedule."""
+    from hetero.runtime.executor import Executor
+
+    if not _annotate_params(gm, params):
+        warnings.warn(
+            f"hetero: {name}: could not match the graph's inputs to its {len(params)} arguments; "
+            "placement will treat every input as an activation (no weights go to host)",
+            stacklevel=2,
+        )
+    diagnostics = Diagnostics(config.strict)
+    ctx = PassContext(config, target, diagnostics, name)
+    dump = _open_dump(config, name)
+    gm, records = run_pipeline(gm, ctx, DEFAULT_PIPELINE, dump=dump)
+    schedule = gm.meta[meta.SCHEDULE]
+    kernels, compilers = _compile_partitions(gm, config, diagnostics)
+    sources = {t.inputs[0] for t in schedule.setup}
+    slots = {schedule.inputs[i]: t for i, t in weights.items() if schedule.inputs[i] in sources}
+    executor = Executor(schedule, kernels, slots)
+    report = build_report(
+        gm,
+        graph=name,
+        accel=target.accel,
+        pipeline=DEFAULT_PIPELINE,
+        records=records,
+        fallbacks=diagnostics.fallbacks,
+        compilers=compilers,
+        dump=str(dump.path) if dump else None,
+    )
+    if dump is not None:
+        _write_dump(dump, report, config, schedule.to_json(), partition_dot(gm, name))
+    _announce(report)
+    publish(report)
+    return executor
+
+
+def _compile_partitions(
+    gm: fx.GraphModule, config: HeteroConfig, diagnostics: Diagnostics
+) -> tuple[dict[str, Callable[..., Any]], dict[str, str]]:
+    from hetero.backends import eager, inductor
+
+    compilers = {"inductor": inductor.compile_partition, "eager": eager.compile_partition}
+    kernels: dict[str, Callable[..., Any]] = {}
+    used: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        info = meta.partition(node)
+        if node.op != "call_module" or info is None:
+            continue
+        sub = getattr(gm, node.target)
+        device = torch.device(info.device)
+        inputs = [_on_device(meta.val(p), device) for p in sub.graph.nodes if p.op == "placeholder"]
+        chosen = config.partition_compiler
+        try:
+            kernels[node.target] = compilers[chosen](sub, inputs)
+        except HeteroError:
+            raise
+        except Exception as e:
+            if chosen == "eager":
+                raise
+            diagnostics.fallback(
+                "compile",
+                f"partition {info.id} (@{info.role})",
+                f"{chosen} could not compile it ({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
+                "running it eagerly",
+                error=FallbackError,
+            )
+            chosen = "eager"
+            kernels[node.target] = compilers[chosen](sub, inputs)
+        used[node.target] = chosen
+    return kernels, used
+
+
+def _compile_for_autograd(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], config: HeteroConfig, target: Target, name: str
+) -> Callable[..., Any]:
+    from torch._inductor.compile_fx import compile_fx
+
+    needing = [t for t in example_inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    reason = (
+        f"graph needs gradients (grad mode is on and {len(needing)} inputs require grad); hetero places "
+        "inference graphs only, so Inductor compiled this graph unchanged on the model's own devices. "
+        "Call the model under torch.no_grad() or torch.inference_mode() to get hetero's placement."
+    )
+    diagnostics = Diagnostics(config.strict)
+    diagnostics.fallback("backend", "<graph>", reason, error=FallbackError)
+    dump = _open_dump(config, name)
+    devices = sorted({str(t.device) for t in example_inputs if isinstance(t, torch.Tensor)})
+    report = Report(
+        graph=name,
+        accel=target.accel,
+        mode="autograd",
+        fallbacks=[f.to_dict() for f in diagnostics.fallbacks],
+        partitions=[
+            {
+                "id": 0,
+                "role": "accel",
+                "device": ",".join(devices) or "-",
+                "nodes": sum(n.op == "call_function" for n in gm.graph.nodes),
+                "param_bytes": sum(
+                    t.numel() * t.element_size() for t in needing if isinstance(t, torch.nn.Parameter)
+                ),
+                "compiler": "inductor",
+            }
+        ],
+        dump=str(dump.path) if dump else None,
+    )
+    if dump is not None:
+        _write_dump(dump, report, config, None, None)
+    _announce(report)
+    publish(report)
+    return compile_fx(gm, example_inputs)
+
+
+def _flat_inputs(
+    gm: fx.GraphModule, example_inputs: Sequence[Any]
+) -> tuple[list[Any], list[ParamInfo | None]]:
+    """AOTAutograd's flat inputs (the graph module's own parameters and buffers, then the arguments),
+    each with its ParamInfo when it is a model parameter or buffer."""
+    own = {
+        **dict(gm.named_parameters(remove_duplicate=False)),
+        **dict(gm.named_buffers(remove_duplicate=False)),
+    }
+    flat = list(own.values()) + list(example_inputs)
+    infos: list[ParamInfo | None] = [
+        ParamInfo(fqn, t.numel() * t.element_size(), is_buffer=not isinstance(t, torch.nn.Parameter))
+        for fqn, t in own.items()
+    ]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, example_inputs, strict=True):
+        infos.append(_param_info(node, value))
+    return flat, infos
+
+
+def _annotate_params(gm: fx.GraphModule, params: Sequence[ParamInfo | None]) -> bool:
+    """Tag the AOT graph's placeholders that are parameters; False when inputs and params do not line up."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(params):
+        return False
+    for node, info in zip(placeholders, params, strict=True):
+        if info is not None:
+            node.meta[meta.PARAM] = info
+    return True
+
+
+_PARAM_SOURCE = re.compile(r"\._(parameters|buffers)\.")
+
+
+def _param_info(node: fx.Node, value: Any) -> ParamInfo | None:
+    """Dynamo lifts parameters and buffers to graph inputs; its source says which module attribute each is."""
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    if source is None or not isinstance(value, torch.Tensor):
+        return None
+    raw = source.name() if callable(source.name) else source.name
+    path = meta.normalise_module_path(raw)
+    match = _PARAM_SOURCE.search("." + path)
+    if not isinstance(value, torch.nn.Parameter) and match is None:
+        return None
+    fqn = _PARAM_SOURCE.sub(".", "." + path).lstrip(".")
+    is_buffer = match is not None and match.group(1) == "buffers"
+    return ParamInfo(fqn, value.numel() * value.element_size(), is_buffer=is_buffer)
+
+
+def _on_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor) and value.device != device:
+        return value.to(device)
+    return value
+
+
+def _graph_name() -> str:
+    from torch._guards import CompileContext
+
+    compile_id = CompileContext.current_compile_id()
+    return "graph_" + re.sub(r"[^0-9A-Za-z]+", "_", str(compile_id)).strip("_") if compile_id else "graph"
+
+
+def _open_dump(config: HeteroConfig, name: str) -> DumpFolder | None:
+    if not config.dump_dir:
+        return None
+    try:
+        return DumpFolder.create(config.dump_dir, name)
+    except (HeteroError, OSError) as e:
+        warnings.warn(f"hetero: no dumps for {name}: {e}", stacklevel=3)
+        return None
+
+
+def _write_dump(
+    dump: DumpFolder, report: Report, config: HeteroConfig, schedule_json: str | None, dot: str | None
+) -> None:
+    try:
+        dump.write_json("pipeline.json", {"pipeline": report.pipeline, "config": config.to_dict()})
+        dump.write_json("summary.json", report.to_dict())
+        if schedule_json is not None:
+            dump.write_text("schedule.json", schedule_json + "\n")
+        if dot is not None:
+            dump.write_dot("graph.dot", dot)
+    except OSError as e:  # debug output never breaks a compile
+        warnings.warn(f"hetero: writing dumps to {dump.path} failed: {e}", stacklevel=3)
+
+
+def _announce(report: Report) -> None:
+    """Fallbacks and budget moves are never silent: one warning per compiled graph says what happened."""
+    if report.fallbacks:
+        first = report.fallbacks[0]
+        more = f" (and {len(report.fallbacks) - 1} more)" if len(report.fallbacks) > 1 else ""
+        warnings.warn(
+            f"hetero: {report.graph}: fallback at {first['node']}: {first['reason']}{more}; "
+            "see hetero.explain() or summary.json",
+            stacklevel=4,
+        )
+    if report.budget and report.budget["moved"]:
+        b = report.budget
+        modules = ", ".join(m["module"] for m in b["moved"][:4])
+        if len(b["moved"]) > 4:
+            modules += ", ..."
+        warnings.warn(
+            f"hetero: {report.graph}: parameters ({format_bytes(b['accel_param_bytes_before'])}) exceed "
+            f"accel_memory_budget ({format_bytes(b['accel_memory_budget'])}); "
+            f"moved {len(b['moved'])} regions to host: {modules}",
+            stacklevel=4,
+        )
+
+
+def capture_graph(model: torch.nn.Module, *example_inputs: Any) -> fx.GraphModule:
+    """The ATen inference graph hetero's pipeline would start from, parameters annotated, no pass run.
+
+    For tests and debugging; the model must compile to one graph (no graph breaks).
+    """
+    from torch._dynamo.backends.common import aot_autograd
+
+    captured: list[fx.GraphModule] = []
+
+    def backend(gm: fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
+        _, params = _flat_inputs(gm, inputs)
+
+        def keep(aot_gm: fx.GraphModule, fake_inputs: Sequence[Any]) -> Callable[..., Any]:
+            _annotate_params(aot_gm, params)
+            captured.append(aot_gm)
+            return aot_gm.forward
+
+        return aot_autograd(fw_compiler=keep)(gm, inputs)
+
+    with torch.no_grad():
+        torch.compile(model, backend=backend, fullgraph=True)(*example_inputs)
+    return captured[0]

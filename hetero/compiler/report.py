@@ -1,0 +1,255 @@
+"""The report of a compiled graph: `summary.json` in its dump folder, and `hetero.explain(...)`.
+
+    {"graph": str, "accel": "cuda"|"cpu", "mode": "inference"|"autograd", "pipeline": [str],
+     "passes": [{"name", "ms", "changed", "stats"}],
+     "partitions": [{"id", "role", "device", "nodes", "param_bytes", "compiler"}],
+     "regions": [{"kind", "module", "role", "lowering", "param_bytes", "nodes", "placed_by"}],
+     "transfers": [{"src", "dst", "bytes", "kind", "value", "src_role", "dst_role"}],
+     "fallbacks": [{"node", "op", "module", "reason"}],
+     "budget": {...}, "dump": str|None}
+
+In "transfers", src and dst are partition ids; -1 stands for the graph's inputs (src) or outputs
+(dst). A region split across roles appears once per role.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import fx
+
+from hetero.compiler import meta
+from hetero.compiler.ops import transfer
+from hetero.compiler.pipeline import Fallback, PassRecord
+from hetero.compiler.units import format_bytes
+
+
+@dataclass
+class Report:
+    graph: str
+    accel: str
+    mode: str = "inference"
+    pipeline: list[str] = field(default_factory=list)
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    partitions: list[dict[str, Any]] = field(default_factory=list)
+    regions: list[dict[str, Any]] = field(default_factory=list)
+    transfers: list[dict[str, Any]] = field(default_factory=list)
+    fallbacks: list[dict[str, Any]] = field(default_factory=list)
+    budget: dict[str, Any] | None = None
+    dump: str | None = None
+    graphs: list[Report] = field(default_factory=list)  # set when one call compiled several graphs
+    graph_breaks: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k not in ("graphs", "graph_breaks")}
+        if self.graphs:
+            out["graphs"] = [g.to_dict() for g in self.graphs]
+        out["graph_breaks"] = list(self.graph_breaks)
+        return out
+
+    @classmethod
+    def merge(cls, reports: Sequence[Report], graph_breaks: list[dict[str, Any]]) -> Report:
+        """One report for a call that compiled `reports` (several graphs when Dynamo broke the model up)."""
+        if len(reports) == 1:
+            (only,) = reports
+            only.graph_breaks = graph_breaks
+            return only
+        merged = cls(graph="+".join(r.graph for r in reports), accel=reports[0].accel if reports else "-")
+        merged.mode = ",".join(sorted({r.mode for r in reports}))
+        merged.pipeline = reports[0].pipeline if reports else []
+        for r in reports:
+            tag = {"graph": r.graph}
+            merged.passes += [{**p, **tag} for p in r.passes]
+            merged.partitions += [{**p, **tag} for p in r.partitions]
+            merged.regions += [{**p, **tag} for p in r.regions]
+            merged.transfers += [{**p, **tag} for p in r.transfers]
+            merged.fallbacks += [{**p, **tag} for p in r.fallbacks]
+        merged.graphs = list(reports)
+        merged.graph_breaks = graph_breaks
+        return merged
+
+    # ------------------------------------------------------------------------------------------------------
+    # Text for people.
+
+    def placement_table(self) -> str:
+        rows = [
+            [r["kind"], r["module"], r["role"], format_bytes(r["param_bytes"]), r["lowering"], r["placed_by"]]
+            for r in self.regions
+        ]
+        return _table(["kind", "module", "role", "params", "lowering", "decided by"], rows)
+
+    def format(self) -> str:
+        lines = [f"graph {self.graph}: accel={self.accel}, mode={self.mode}"]
+        if self.dump:
+            lines.append(f"dumps: {self.dump}")
+        if self.graph_breaks:
+            lines.append("graph breaks (Dynamo split the model; each piece is compiled on its own):")
+            lines += [f"  {b['count']}x {b['reason']}" for b in self.graph_breaks]
+        for sub in self.graphs or [self]:
+            if self.graphs:
+                lines += ["", f"== {sub.graph} =="]
+            lines += sub._format_one()
+        return "\n".join(lines) + "\n"
+
+    def _format_one(self) -> list[str]:
+        lines = ["passes: " + ", ".join(f"{p['name']} {p['ms']:.1f} ms" for p in self.passes)]
+        lines.append("\nregions:")
+        lines.append(self.placement_table())
+        rows = [
+            [p["id"], p["role"], p["device"], p["nodes"], format_bytes(p["param_bytes"]), p["compiler"]]
+            for p in self.partitions
+        ]
+        lines += ["\npartitions:", _table(["id", "role", "device", "nodes", "params", "compiler"], rows)]
+        rows = [
+            [
+                _end(t["src"], "inputs"),
+                _end(t["dst"], "outputs"),
+                t["kind"],
+                t["value"],
+                format_bytes(t["bytes"]),
+            ]
+            for t in self.transfers
+        ]
+        lines += [
+            "\ntransfers:",
+            _table(["from", "to", "kind", "value", "bytes"], rows) if rows else "  none",
+        ]
+        if self.budget:
+            b = self.budget
+            limit = "no limit" if b["accel_memory_budget"] is None else format_bytes(b["accel_memory_budget"])
+            lines.append(
+                f"\nparameters: accel {format_bytes(b['accel_param_bytes'])} (budget {limit}), "
+                f"host {format_bytes(b['host_param_bytes'])}"
+            )
+            for m in b["moved"]:
+                lines.append(f"  moved to host to fit the budget: {m['module']} ({format_bytes(m['bytes'])})")
+        lines.append("\nfallbacks:" + ("" if self.fallbacks else " none"))
+        lines += [f"  {f['node']} ({f['op']}, {f['module']}): {f['reason']}" for f in self.fallbacks]
+        return lines
+
+
+def build_report(
+    gm: fx.GraphModule,
+    *,
+    graph: str,
+    accel: str,
+    pipeline: Sequence[str],
+    records: Sequence[PassRecord],
+    fallbacks: Sequence[Fallback],
+    compilers: dict[str, str],
+    dump: str | None,
+) -> Report:
+    sizes = {n.name: meta.param(n).nbytes for n in gm.graph.nodes if n.op == "placeholder" and meta.param(n)}
+    report = Report(
+        graph=graph,
+        accel=accel,
+        pipeline=list(pipeline),
+        passes=[r.to_dict() for r in records],
+        fallbacks=[f.to_dict() for f in fallbacks],
+        dump=dump,
+    )
+    part_of: dict[fx.Node, int] = {}
+    region_nodes: dict[tuple[meta.Region, str], list[tuple[fx.Node, str]]] = defaultdict(list)
+    for node in gm.graph.nodes:
+        info = meta.partition(node)
+        if node.op == "call_module" and info is not None:
+            part_of[node] = info.id
+            inner = [n for n in getattr(gm, node.target).graph.nodes if n.op == "call_function"]
+            params = {p for n in inner if meta.cost(n) for p in meta.cost(n).params}
+            report.partitions.append(
+                {
+                    "id": info.id,
+                    "role": info.role,
+                    "device": info.device,
+                    "nodes": len(inner),
+                    "param_bytes": sum(sizes[p] for p in params),
+                    "compiler": compilers[node.target],
+                }
+            )
+            for n in inner:
+                if meta.region(n) is not None:
+                    region_nodes[(meta.region(n), info.role)].append((n, compilers[node.target]))
+        elif node.op == "call_function" and node.target is operator.getitem:
+            part_of[node] = part_of[node.args[0]]
+    for (region, role), members in region_nodes.items():
+        params = {p for n, _ in members if meta.cost(n) for p in meta.cost(n).params}
+        reasons = Counter(
+            meta.placed_by(n) for n, _ in members if not (meta.placed_by(n) or "").startswith("follows")
+        )
+        report.regions.append(
+            {
+                "kind": region.kind,
+                "module": region.module,
+                "role": role,
+                "lowering": "+".join(sorted({c for _, c in members})),
+                "param_bytes": sum(sizes[p] for p in params),
+                "nodes": len(members),
+                "placed_by": reasons.most_common(1)[0][0] if reasons else "default",
+            }
+        )
+    for node in gm.graph.nodes:
+        t = meta.transfer(node)
+        if t is None or node.target is not transfer:
+            continue
+        consumers = [part_of[u] for u in node.users if u.op == "call_module" and u in part_of]
+        report.transfers.append(
+            {
+                "src": part_of.get(node.args[0], -1),
+                "dst": min(consumers, default=-1),
+                "bytes": t.bytes,
+                "kind": t.kind,
+                "value": node.args[0].name,
+                "src_role": t.src,
+                "dst_role": t.dst,
+            }
+        )
+    budget = gm.meta.get(meta.BUDGET)
+    if budget is not None:
+        report.budget = {
+            "accel_memory_budget": budget.budget,
+            "accel_param_bytes_before": budget.accel_bytes_before,
+            "accel_param_bytes": budget.accel_bytes,
+            "host_param_bytes": budget.host_bytes,
+            "moved": [{"module": m, "bytes": b} for m, b in budget.moved],
+            "fits": budget.fits,
+        }
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reports of graphs compiled inside a `collect_reports()` block are gathered for explain() and the demo.
+
+_collectors: list[list[Report]] = []
+
+
+@contextmanager
+def collect_reports() -> Iterator[list[Report]]:
+    collected: list[Report] = []
+    _collectors.append(collected)
+    try:
+        yield collected
+    finally:
+        _collectors.remove(collected)
+
+
+def publish(report: Report) -> None:
+    for c in _collectors:
+        c.append(report)
+
+
+def _end(partition_id: int, which: str) -> str:
+    return which if partition_id == -1 else f"part {partition_id}"
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [headers] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*r).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join("  " + line for line in lines)
