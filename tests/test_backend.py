@@ -104,6 +104,8 @@ def test_dump_folder_has_every_pass_and_the_summary(tmp_path: Path) -> None:
         replay["pipeline"] == list(summary["pipeline"]) and replay["config"]["partition_compiler"] == "eager"
     )
     assert "part_1" in (folder / "graph.dot").read_text()
+    again = hetero.explain(model, *inputs, dump_dir=str(dump_dir), **EAGER)
+    assert Path(again.dump).name.startswith("001-graph_")  # numbered in creation order
 
 
 def test_dumps_never_write_among_a_users_files(tmp_path: Path) -> None:

@@ -11,7 +11,8 @@
         graph.dot / graph.svg  partitions and transfers (svg when Graphviz's `dot` is installed)
 
 hetero never deletes or overwrites a user's files: it writes only into a folder it created
-(marked) or an empty one, and each graph gets a new numbered subfolder.
+(marked) or an empty one, and each graph gets the next numbered subfolder
+(000-graph_0_0, 001-graph_0_1, ...).
 """
 
 from __future__ import annotations
@@ -46,14 +47,16 @@ class DumpFolder:
         root.mkdir(parents=True, exist_ok=True)
         (root / MARKER).touch()
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", graph_name)
-        for seq in range(len(list(root.iterdir())) + 1):
+        # Numbered in creation order across runs: the next number after the highest one present.
+        taken = [int(p.name.split("-", 1)[0]) for p in root.iterdir() if re.match(r"^\d+-", p.name)]
+        seq = max(taken, default=-1) + 1
+        while True:
             path = root / f"{seq:03d}-{safe}"
             try:
                 path.mkdir()
-            except FileExistsError:
-                continue
-            return cls(path)
-        raise AssertionError("unreachable: one of the numbers above is free")
+                return cls(path)
+            except FileExistsError:  # another process took this number meanwhile
+                seq += 1
 
     def write_text(self, name: str, text: str) -> Path:
         target = self.path / name
