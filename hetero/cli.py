@@ -35,6 +35,18 @@ def _parse_option(text: str) -> tuple[str, Any]:
         return key, raw
 
 
+def _add_options_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-O",
+        "--option",
+        action="append",
+        type=_parse_option,
+        default=[],
+        metavar="KEY=VALUE",
+        help="a hetero option, e.g. -O accel=cpu -O strict=true (VALUE is JSON or a string); repeatable",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hetero",
@@ -43,7 +55,6 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    option_help = "a hetero option, e.g. -O accel=cpu -O strict=true (VALUE is JSON or a string); repeatable"
 
     demo = sub.add_parser(
         "demo",
@@ -57,15 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--dump-dir", default="hetero-dumps/demo", help="where dumps go (default: hetero-dumps/demo)"
     )
-    demo.add_argument(
-        "-O",
-        "--option",
-        action="append",
-        type=_parse_option,
-        default=[],
-        metavar="KEY=VALUE",
-        help=option_help,
-    )
+    _add_options_flag(demo)
 
     explain = sub.add_parser(
         "explain",
@@ -78,15 +81,7 @@ def _parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print the report as JSON (the summary.json dict)"
     )
     explain.add_argument("--list", action="store_true", help="list the zoo models and exit")
-    explain.add_argument(
-        "-O",
-        "--option",
-        action="append",
-        type=_parse_option,
-        default=[],
-        metavar="KEY=VALUE",
-        help=option_help,
-    )
+    _add_options_flag(explain)
     return parser
 
 

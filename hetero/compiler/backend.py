@@ -69,21 +69,24 @@ def compile_inference(
     """Run the pipeline on an AOTAutograd inference graph and return the Executor for its Schedule."""
     from hetero.runtime.executor import Executor
 
-    if not _annotate_params(gm, params):
-        warnings.warn(
-            f"hetero: {name}: could not match the graph's inputs to its {len(params)} arguments; "
-            "placement will treat every input as an activation (no weights go to host)",
-            stacklevel=2,
-        )
     diagnostics = Diagnostics(config.strict)
+    if not _annotate_params(gm, params):
+        diagnostics.fallback(
+            "backend",
+            "<graph>",
+            f"could not match the graph's inputs to its {len(params)} arguments; placement treats every "
+            "input as an activation, so no weight is placed by its parameter size",
+            error=FallbackError,
+        )
     ctx = PassContext(config, target, diagnostics, name)
     dump = _open_dump(config, name)
     gm, records = run_pipeline(gm, ctx, DEFAULT_PIPELINE, dump=dump)
     schedule = gm.meta[meta.SCHEDULE]
     kernels, compilers = _compile_partitions(gm, config, diagnostics)
-    sources = {t.inputs[0] for t in schedule.setup}
-    slots = {schedule.inputs[i]: t for i, t in weights.items() if schedule.inputs[i] in sources}
-    executor = Executor(schedule, kernels, slots)
+    position = {slot: i for i, slot in enumerate(schedule.inputs)}
+    executor = Executor(
+        schedule, kernels, {t.inputs[0]: weights[position[t.inputs[0]]] for t in schedule.setup}
+    )
     report = build_report(
         gm,
         graph=name,
