@@ -27,13 +27,16 @@ def run_demo(
 ) -> int:
     options = {"dump_dir": dump_dir, **(options or {})}
     built = zoo.build(model, dtype=DTYPES[dtype])
+    # The eager reference is a second copy with the same weights: by default the compiled model frees
+    # its copy of weights that host kernels prepacked (release_weights).
+    reference = zoo.build(model, dtype=DTYPES[dtype])
     compiled = torch.compile(built.model, backend="hetero", options=options)
     (ids,) = built.example_inputs
     print(f"hetero demo: zoo:{model} ({dtype}), prompt {tuple(ids.shape)}, then {steps} decode steps")
     print("compiling with the hetero backend (prefill graph, then the decode graphs)...", flush=True)
     start = time.perf_counter()
     with collect_reports() as reports:
-        errors = compare_generation(compiled, built.model, ids, built.new_cache, steps)
+        errors = compare_generation(compiled, reference.model, ids, built.new_cache, steps)
     seconds = time.perf_counter() - start
     prefill = reports[0]
     print(f"\nplacement ({prefill.graph}, accel={prefill.accel}):")

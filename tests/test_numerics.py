@@ -25,17 +25,20 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 @pytest.mark.parametrize("name", zoo.names())
 def test_zoo_model_matches_eager_for_prefill_and_decode(name: str, dtype: str) -> None:
     built = zoo.build(name, dtype=DTYPES[dtype])
+    reference = zoo.build(name, dtype=DTYPES[dtype])  # same weights; the compiled copy frees its experts
     compiled = torch.compile(built.model, backend="hetero")
     tolerance = TOLERANCE[DTYPES[dtype]]
     with collect_reports() as reports, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for seed in (101, 202):
             (ids,) = built.make_inputs(batch=2, seq=8, seed=seed)
-            errors = compare_generation(compiled, built.model, ids, built.new_cache, steps=8)
+            errors = compare_generation(compiled, reference.model, ids, built.new_cache, steps=8)
             assert max(errors) <= tolerance, f"seed {seed}: relative errors per step {errors}"
-    assert not [str(w.message) for w in caught if str(w.message).startswith("hetero:")]  # no fallback
+    assert not [str(w.message) for w in caught if "fallback" in str(w.message)]
     assert 2 <= len(reports) <= 3, [r.graph for r in reports]  # 1 prefill + at most 2 for decode
     assert all(r.mode == "inference" and not r.fallbacks for r in reports)
     assert all(p["compiler"] == "inductor" for r in reports for p in r.partitions)
-    if name != "llama-tiny":  # the MoE models really run split across the two roles
+    if name != "llama-tiny":  # the MoE models really run split across the two roles, experts through oneDNN
         assert {p["role"] for p in reports[0].partitions} == {"accel", "host"}
+        moe = [r for report in reports for r in report.regions if r["kind"] == "moe"]
+        assert moe and all(r["role"] == "host" and r["lowering"] == "onednn" for r in moe)

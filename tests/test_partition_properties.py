@@ -111,11 +111,11 @@ def test_partition_properties(case: tuple[fx.GraphModule, int], seed: int) -> No
     # Same results: the partitioned graph as FX, and its Schedule run by the executor.
     got = result(*inputs)
     for a, b in zip(got, expected, strict=True):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)  # exp may overflow: inf - inf
     scheduled = schedule(result, ctx).gm
     check_schedule(scheduled, ctx)
     plan = scheduled.meta[meta.SCHEDULE]
     kernels = {c.target: getattr(scheduled, c.target) for c in calls}
     executed = Executor(plan, kernels, {})(list(inputs))
     for a, b in zip(executed, expected, strict=True):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)

@@ -61,9 +61,9 @@ def test_user_rule_puts_experts_back_on_accel(deepseek: zoo.ZooModel) -> None:
 def test_budget_moves_the_largest_regions_to_host_until_it_fits(deepseek: zoo.ZooModel) -> None:
     full = hetero.explain(deepseek.model, *deepseek.example_inputs, **EAGER).budget["accel_param_bytes"]
     budget = full // 2
-    compiled = torch.compile(
-        deepseek.model, backend="hetero", options={"accel_memory_budget": budget, **EAGER}
-    )
+    # release_weights=False: the shared fixture model must keep its weights for the eager reference below.
+    options = {"accel_memory_budget": budget, "release_weights": False, **EAGER}
+    compiled = torch.compile(deepseek.model, backend="hetero", options=options)
     ids = deepseek.make_inputs(seed=7)[0]
     with warnings.catch_warnings(record=True) as caught, hetero.compiler.report.collect_reports() as reports:
         warnings.simplefilter("always")

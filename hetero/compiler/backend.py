@@ -25,6 +25,7 @@ from hetero.compiler.meta import ParamInfo
 from hetero.compiler.pipeline import DEFAULT_PIPELINE, Diagnostics, PassContext, run_pipeline
 from hetero.compiler.report import Report, build_report, publish
 from hetero.compiler.units import format_bytes
+from hetero.compiler.weights import ParamValues
 
 
 def hetero_backend(
@@ -70,6 +71,7 @@ def compile_inference(
     from hetero.runtime.executor import Executor
 
     diagnostics = Diagnostics(config.strict)
+    values = ParamValues()
     if not _annotate_params(gm, params):
         diagnostics.fallback(
             "backend",
@@ -78,15 +80,26 @@ def compile_inference(
             "input as an activation, so no weight is placed by its parameter size",
             error=FallbackError,
         )
-    ctx = PassContext(config, target, diagnostics, name)
+    else:
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        values = ParamValues({placeholders[i].name: t for i, t in weights.items()})
+    ctx = PassContext(config, target, diagnostics, name, values)
     dump = _open_dump(config, name)
     gm, records = run_pipeline(gm, ctx, DEFAULT_PIPELINE, dump=dump)
     schedule = gm.meta[meta.SCHEDULE]
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily(), torch.no_grad():  # real weights: AOTAutograd's fake mode is active here
+        host = _bind_host_kernels(gm, values)
     kernels, compilers = _compile_partitions(gm, config, diagnostics)
     position = {slot: i for i, slot in enumerate(schedule.inputs)}
     executor = Executor(
-        schedule, kernels, {t.inputs[0]: weights[position[t.inputs[0]]] for t in schedule.setup}
+        schedule,
+        kernels,
+        {t.inputs[0]: weights[position[t.inputs[0]]] for t in schedule.setup},
+        keepalive=host.packed,
     )
+    released = _release_weights(gm, values, host.weights, weights.values()) if config.release_weights else 0
     report = build_report(
         gm,
         graph=name,
@@ -97,11 +110,77 @@ def compile_inference(
         compilers=compilers,
         dump=str(dump.path) if dump else None,
     )
+    report.host_kernels = host.kernels
+    report.released_weight_bytes = released
+    report.host_isa = _host_isa(host.kernels)
     if dump is not None:
         _write_dump(dump, report, config, schedule.to_json(), partition_dot(gm, name))
     _announce(report)
     publish(report)
     return executor
+
+
+def _bind_host_kernels(gm: fx.GraphModule, values: ParamValues) -> Any:
+    """Prepack the weights of host kernels lower_host planned, and write their handles into the graph."""
+    from hetero.backends import onednn
+
+    total = onednn.Binding()
+    for node in gm.graph.nodes:
+        info = meta.partition(node)
+        if node.op == "call_module" and info is not None and info.role == "host":
+            binding = onednn.bind(getattr(gm, node.target), values)
+            total.packed += binding.packed
+            total.weights += binding.weights
+            total.kernels += binding.kernels
+    return total
+
+
+def _release_weights(gm: fx.GraphModule, values: ParamValues, names: Sequence[str], params: Any) -> int:
+    """Free the model's copies of weights that now live only in host kernels; returns bytes freed.
+
+    A weight stays when the graph still reads it elsewhere, or when its storage holds other tensors too.
+    """
+    from hetero.compiler.weights import owns_storage, release
+
+    read = {n.name for n in gm.graph.nodes if n.op == "placeholder" and n.users}
+    storages: dict[int, int] = {}
+    for t in params:
+        if t.untyped_storage().nbytes():
+            ptr = t.untyped_storage().data_ptr()
+            storages[ptr] = storages.get(ptr, 0) + 1
+    freed = 0
+    for name in dict.fromkeys(names):
+        tensor = values.tensor(name)
+        if tensor is None or name in read or not owns_storage(tensor):
+            continue
+        if storages.get(tensor.untyped_storage().data_ptr(), 0) > 1:
+            continue
+        freed += release([tensor])
+    if freed:
+        _warn_released_once(freed)
+    return freed
+
+
+_RELEASE_WARNED = False
+
+
+def _warn_released_once(freed: int) -> None:
+    global _RELEASE_WARNED
+    if not _RELEASE_WARNED:
+        _RELEASE_WARNED = True
+        warnings.warn(
+            f"hetero: freed the model's copy of {format_bytes(freed)} of weights now prepacked in host "
+            "kernels; "
+            "the compiled model keeps working, but calling the original modules eagerly fails. "
+            "options={'release_weights': False} keeps both copies.",
+            stacklevel=4,
+        )
+
+
+def _host_isa(kernels: Sequence[dict[str, object]]) -> str:
+    from hetero.backends.onednn import probe
+
+    return probe()[str(kernels[0]["dtype"]) if kernels else "bf16"]
 
 
 def _compile_partitions(
@@ -271,11 +350,13 @@ def _write_dump(
 def _announce(report: Report) -> None:
     """Fallbacks and budget moves are never silent: one warning per compiled graph says what happened."""
     if report.fallbacks:
-        first = report.fallbacks[0]
-        more = f" (and {len(report.fallbacks) - 1} more)" if len(report.fallbacks) > 1 else ""
+        shown = [f"{f['node']}: {f['reason'][:300]}" for f in report.fallbacks[:5]]
+        more = f"; and {len(report.fallbacks) - 5} more" if len(report.fallbacks) > 5 else ""
         warnings.warn(
-            f"hetero: {report.graph}: fallback at {first['node']}: {first['reason']}{more}; "
-            "see hetero.explain() or summary.json",
+            f"hetero: {report.graph}: {len(report.fallbacks)} fallback(s): "
+            + "; ".join(shown)
+            + more
+            + " (hetero.explain() or summary.json lists them)",
             stacklevel=4,
         )
     if report.budget and report.budget["moved"]:

@@ -51,6 +51,8 @@ class HeteroConfig:
     accel_memory_budget: Budget = "auto"
     host_embedding_bytes: int = 1 << 30
     partition_compiler: Literal["inductor", "eager"] = "inductor"
+    host_dtype: Literal["auto", "fp32", "bf16", "int8"] = "auto"
+    release_weights: bool = True
     dump_dir: str | None = None
     strict: bool = False
     print_before: tuple[str, ...] = ()
@@ -283,6 +285,13 @@ _FIELDS: dict[str, _Field] = {
     ),
     "host_embedding_bytes": _Field(_size, "embedding tables at least this large live on host (default 1GiB)"),
     "partition_compiler": _Field(_choice("inductor", "eager"), "what compiles each partition"),
+    "host_dtype": _Field(
+        _choice("auto", "fp32", "bf16", "int8"),
+        "what host kernels compute in: 'auto' = the model's dtype; 'int8' = int8 weights, per-channel scales",
+    ),
+    "release_weights": _Field(
+        _bool, "free the model's copy of weights a host kernel has prepacked (else they are held twice)"
+    ),
     "dump_dir": _Field(
         _optional_path, "folder for per-graph dumps (graph text after each pass, summary.json, ...)"
     ),

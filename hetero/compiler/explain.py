@@ -18,8 +18,10 @@ def explain(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> Rep
     """Compile `model` with the hetero backend, run it once under no_grad, and return the Report.
 
     `options` are hetero's options (accel=..., place=..., ...). When Dynamo splits the model into
-    several graphs (graph breaks), the report covers all of them and lists the breaks.
+    several graphs (graph breaks), the report covers all of them and lists the breaks. explain
+    leaves the model as it was: unless asked, it does not free weights host kernels prepacked.
     """
+    options = {"release_weights": False, **options}
     HeteroConfig.build(options)  # bad options fail here, before any compile work
     from torch._dynamo.utils import counters
 

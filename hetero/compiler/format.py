@@ -79,6 +79,8 @@ def _node(node: fx.Node) -> str:
     r = meta.region(node)
     if r is not None:
         notes.append(str(r))
+    if meta.LOWERING in node.meta:
+        notes.append(f"[{node.meta[meta.LOWERING]}]")
     return f"{text}  {'  '.join(notes)}" if notes else text
 
 

@@ -24,6 +24,8 @@ PLACED_BY = "hetero.placed_by"  # call_function: why it got its role
 ORIGIN = "hetero.origin"  # nodes created by a pass: "pass_name: what it came from"
 TRANSFER = "hetero.transfer"  # transfer nodes: TransferInfo
 PARTITION = "hetero.partition"  # call_module partition nodes (and the submodule's gm.meta): PartitionInfo
+UNLOWERED = "hetero.unlowered"  # nodes of a region hetero recognised but could not rewrite: why
+LOWERING = "hetero.lowering"  # host kernel nodes (lower_host): HostKernel
 
 # gm.meta keys
 BUDGET = "hetero.budget"  # BudgetReport, written by place

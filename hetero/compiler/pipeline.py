@@ -21,12 +21,20 @@ from hetero.compiler import meta
 from hetero.compiler.config import HeteroConfig, Target
 from hetero.compiler.errors import FallbackError, HeteroError, PassError, PlacementError
 from hetero.compiler.format import format_graph, op_name
+from hetero.compiler.weights import ParamValues
 
 if TYPE_CHECKING:
     from hetero.compiler.dump import DumpFolder
 
-# Later issues add "fuse_accel" (Triton fusions) and "lower_host" (oneDNN kernels) after "partition".
-DEFAULT_PIPELINE: tuple[str, ...] = ("canonicalize", "analyze_cost", "place", "partition", "schedule")
+# A later issue adds "fuse_accel" (Triton fusions) between "partition" and "lower_host".
+DEFAULT_PIPELINE: tuple[str, ...] = (
+    "canonicalize",
+    "analyze_cost",
+    "place",
+    "partition",
+    "lower_host",
+    "schedule",
+)
 PASS_NAMES: tuple[str, ...] = DEFAULT_PIPELINE
 
 
@@ -87,6 +95,8 @@ class PassContext:
     target: Target
     diagnostics: Diagnostics
     graph_name: str = "graph"
+    # Real values of parameter inputs, for the few decisions that need them (compiler/weights.py).
+    params: ParamValues = field(default_factory=ParamValues)
 
 
 @dataclass(frozen=True)

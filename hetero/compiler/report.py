@@ -41,6 +41,9 @@ class Report:
     transfers: list[dict[str, Any]] = field(default_factory=list)
     fallbacks: list[dict[str, Any]] = field(default_factory=list)
     budget: dict[str, Any] | None = None
+    host_isa: str = "unknown"  # what oneDNN dispatches host kernels to (e.g. avx512_core_amx)
+    host_kernels: list[dict[str, Any]] = field(default_factory=list)
+    released_weight_bytes: int = 0  # the model's copies of weights now held by host kernels, freed
     dump: str | None = None
     graphs: list[Report] = field(default_factory=list)  # set when one call compiled several graphs
     graph_breaks: list[dict[str, Any]] = field(default_factory=list)
@@ -128,6 +131,16 @@ class Report:
             )
             for m in b["moved"]:
                 lines.append(f"  moved to host to fit the budget: {m['module']} ({format_bytes(m['bytes'])})")
+        lines.append(f"\nhost ISA (oneDNN): {self.host_isa}")
+        for k in self.host_kernels:
+            lines.append(
+                f"  {k['region']}: {k['backend']} {k['kind']} {k['dtype']}, {k['experts']} experts, "
+                f"{format_bytes(k['packed_bytes'])} prepacked"
+            )
+        if self.released_weight_bytes:
+            lines.append(
+                f"  model weights freed after prepacking: {format_bytes(self.released_weight_bytes)}"
+            )
         lines.append("\nfallbacks:" + ("" if self.fallbacks else " none"))
         lines += [f"  {f['node']} ({f['op']}, {f['module']}): {f['reason']}" for f in self.fallbacks]
         return lines
@@ -173,7 +186,9 @@ def build_report(
             )
             for n in inner:
                 if meta.region(n) is not None:
-                    region_nodes[(meta.region(n), info.role)].append((n, compilers[node.target]))
+                    kernel = n.meta.get(meta.LOWERING)
+                    lowering = kernel.backend if kernel is not None else compilers[node.target]
+                    region_nodes[(meta.region(n), info.role)].append((n, lowering))
         elif node.op == "call_function" and node.target is operator.getitem:
             part_of[node] = part_of[node.args[0]]
     for (region, role), members in region_nodes.items():
@@ -186,7 +201,7 @@ def build_report(
                 "kind": region.kind,
                 "module": region.module,
                 "role": role,
-                "lowering": "+".join(sorted({c for _, c in members})),
+                "lowering": _lowering({c for _, c in members}),
                 "param_bytes": sum(sizes[p] for p in params),
                 "nodes": len(members),
                 "placed_by": reasons.most_common(1)[0][0] if reasons else "default",
@@ -240,6 +255,12 @@ def collect_reports() -> Iterator[list[Report]]:
 def publish(report: Report) -> None:
     for c in _collectors:
         c.append(report)
+
+
+def _lowering(used: set[str]) -> str:
+    """What runs a region: its host or accel kernel when it has one, else the partition compiler(s)."""
+    kernels = used - {"inductor", "eager"}
+    return "+".join(sorted(kernels or used))
 
 
 def _end(partition_id: int, which: str) -> str:

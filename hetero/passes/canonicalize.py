@@ -1,30 +1,41 @@
-"""canonicalize: tag every op with the model region it belongs to.
+"""canonicalize: tag every op with its model region, and rewrite recognised regions into hetero ops.
 
-Expects: an ATen graph from AOTAutograd whose nodes carry Dynamo's `nn_module_stack`.
-Guarantees: each call_function node that ran inside a recognised module has `hetero.region`
-= Region(kind, module path). The graph itself is unchanged (later issues add rewrites here).
+Expects: an ATen graph from AOTAutograd whose nodes carry Dynamo's `nn_module_stack`; real
+parameter values in ctx.params (to verify rewrites).
+Guarantees: each call_function node that ran inside a recognised module has `hetero.region` =
+Region(kind, module path); every MoE experts subgraph that verifiably computes SiLU-gated
+experts is replaced by one `hetero.moe_experts` op; a `moe` region that could not be rewritten
+carries the reason in `hetero.unlowered`.
 
 Regions come from the module stack, by the rules in `REGION_RULES`, tried in order; the first
 rule that matches any frame of a node's stack wins, and within a rule the outermost matching
 frame names the region (so an attention block's own norms belong to the attention region).
 MoE blocks (`...MoE`, `...SparseMoeBlock`) are containers: their experts, router and shared
-experts form separate regions.
+experts form separate regions. Code calling a grouped matmul on 3-D weights is `moe` whatever
+its module is called. Rewrites are the table `REWRITES`, each counted in stats when it fires.
 
-    before:  %mm_13 = aten.mm(%view_35, %t_13)
-    after:   %mm_13 = aten.mm(%view_35, %t_13)  router:model.layers.1.mlp.gate
+    before:  %sort = aten.sort(%view_39)  moe:model.layers.1.mlp.experts
+             ... 27 more ops ...
+             %sum_3 : f32[16,64] = aten.sum.dim_IntList(%view_40, [1])  moe:model.layers.1.mlp.experts
+    after:   %moe_experts : f32[16,64] = hetero.moe_experts(%view_37, %getitem_17, %mul_40,
+                 [%slice_1], [%slice_2], [%arg27_1], 'silu')  moe:model.layers.1.mlp.experts
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import fx
 
 from hetero.compiler import meta
 from hetero.compiler.meta import ModuleFrame, Region, RegionKind
 from hetero.compiler.pipeline import PassContext, PassResult
+from hetero.passes.analyze_cost import param_sources
+from hetero.passes.moe_recognition import MoeMatch, Rejection, find_moe
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,9 @@ REGION_RULES: tuple[RegionRule, ...] = (
     RegionRule("head", path=r"(^|\.)(lm_head|output)$"),
 )
 
+# Ops that only expert code calls: a grouped matmul over a 3-D weight, and hetero's own MoE op.
+_EXPERT_OPS = {"aten::_grouped_mm", "transformers::grouped_mm_fallback", "hetero::moe_experts"}
+
 
 def region_of(stack: tuple[ModuleFrame, ...]) -> Region | None:
     for rule in REGION_RULES:
@@ -76,9 +90,26 @@ def region_of(stack: tuple[ModuleFrame, ...]) -> Region | None:
     return None
 
 
+@dataclass(frozen=True)
+class Rewrite:
+    name: str
+    apply: Callable[[fx.GraphModule, PassContext], int]  # returns how many times it fired
+
+
 def canonicalize(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    tagged: Counter[str] = Counter()
-    regions: set[Region] = set()
+    tagged = _tag_regions(gm)
+    stats = {"tagged_nodes": tagged}
+    for rewrite in REWRITES:
+        stats[f"rewrites.{rewrite.name}"] = rewrite.apply(gm, ctx)
+    regions = {meta.region(n) for n in gm.graph.nodes if meta.region(n) is not None}
+    for kind, n in sorted(Counter(r.kind for r in regions).items()):
+        stats[f"regions.{kind}"] = n
+    changed = bool(regions) or any(v for k, v in stats.items() if k.startswith("rewrites."))
+    return PassResult(gm, changed=changed, stats=stats)
+
+
+def _tag_regions(gm: fx.GraphModule) -> int:
+    tagged = 0
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
@@ -87,9 +118,100 @@ def canonicalize(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             node.meta.pop(meta.REGION, None)
             continue
         node.meta[meta.REGION] = region
-        tagged["tagged_nodes"] += 1
-        regions.add(region)
-    stats = {"tagged_nodes": tagged["tagged_nodes"]}
-    for kind, n in sorted(Counter(r.kind for r in regions).items()):
-        stats[f"regions.{kind}"] = n
-    return PassResult(gm, changed=bool(regions), stats=stats)
+        tagged += 1
+    # Expert code recognised by its ops, in modules not named like experts.
+    for node in gm.graph.nodes:
+        name = getattr(getattr(node.target, "_schema", None), "name", None)
+        if name not in _EXPERT_OPS or (meta.region(node) and meta.region(node).kind == "moe"):
+            continue
+        if not any(meta.val(p).dim() == 3 for p in param_sources(node)) and name != "hetero::moe_experts":
+            continue
+        module = meta.module_path(node)
+        region = Region("moe", module or "<top>")
+        for other in gm.graph.nodes:
+            if (
+                other.op == "call_function"
+                and meta.module_path(other) == module
+                and meta.region(other) is None
+            ):
+                other.meta[meta.REGION] = region
+                tagged += 1
+        node.meta[meta.REGION] = region
+    return tagged
+
+
+def _rewrite_moe_experts(gm: fx.GraphModule, ctx: PassContext) -> int:
+    regions = dict.fromkeys(
+        meta.region(n)
+        for n in gm.graph.nodes
+        if meta.region(n) is not None
+        and meta.region(n).kind == "moe"
+        and n.target is not torch.ops.hetero.moe_experts.default
+    )
+    fired = 0
+    for region in regions:
+        if any(
+            n.target is torch.ops.hetero.moe_experts.default and meta.region(n) == region
+            for n in gm.graph.nodes
+        ):
+            continue  # already canonical (the user called hetero.ops.moe_experts)
+        found = find_moe(gm, region, ctx.params)
+        if isinstance(found, Rejection):
+            for n in gm.graph.nodes:
+                if meta.region(n) == region:
+                    n.meta[meta.UNLOWERED] = found.reason
+            continue
+        _replace(gm, found)
+        fired += 1
+    return fired
+
+
+def _replace(gm: fx.GraphModule, match: MoeMatch) -> None:
+    graph = gm.graph
+    out = match.nodes[-1]
+    anchor = next(n for n in reversed(match.nodes) if meta.region(n) == match.region)
+    origin = f"canonicalize: {len(match.nodes)} ops of {match.region} (recipe {match.recipe.name})"
+
+    def emit(target: torch._ops.OpOverload, args: tuple[object, ...], value: object) -> fx.Node:
+        node = graph.create_node("call_function", target, args, name=target._opname)
+        node.meta["val"] = value
+        node.meta["nn_module_stack"] = anchor.meta.get("nn_module_stack", {})
+        node.meta[meta.REGION] = match.region
+        node.meta[meta.ORIGIN] = origin
+        return node
+
+    aten = torch.ops.aten
+    with graph.inserting_before(out.next):  # keeps the new nodes in the order they are made
+        hidden = match.hidden
+        h_val = meta.val(hidden)
+        if h_val.dim() != 2:
+            shape = [-1, h_val.shape[-1]]
+            hidden = emit(aten.reshape.default, (hidden, shape), h_val.reshape(shape))
+        lists = []
+        for entries in (match.recipe.gate, match.recipe.up, match.recipe.down):
+            items = []
+            for name, spec in entries:
+                param = next(n for n in graph.nodes if n.op == "placeholder" and n.name == name)
+                items.append(param if spec is None else emit(*_view_of(param, spec)))
+            lists.append(items)
+        args = (hidden, match.topk_ids, match.topk_weights, *lists, "silu")
+        op = emit(torch.ops.hetero.moe_experts.default, args, torch.empty_like(meta.val(hidden)))
+        result = op
+        if tuple(meta.val(out).shape) != tuple(meta.val(op).shape):
+            result = emit(aten.reshape.default, (op, list(meta.val(out).shape)), meta.val(out))
+    out.replace_all_uses_with(result)
+    for node in reversed(match.nodes):
+        if not node.users:
+            graph.erase_node(node)
+    gm.recompile()
+
+
+def _view_of(param: fx.Node, spec: tuple[object, ...]) -> tuple[object, tuple[object, ...], object]:
+    aten = torch.ops.aten
+    value = meta.val(param)
+    if spec[0] == "slice":
+        return aten.slice.Tensor, (param, 1, spec[1], spec[2]), value[:, spec[1] : spec[2]]
+    return aten.slice.Tensor, (param, 1, spec[1], value.shape[1], 2), value[:, spec[1] :: 2]
+
+
+REWRITES: tuple[Rewrite, ...] = (Rewrite("moe_experts_subgraph => hetero.moe_experts", _rewrite_moe_experts),)

@@ -21,10 +21,16 @@ class Executor:
     _boxed_call = True  # AOTAutograd passes the argument list itself
 
     def __init__(
-        self, schedule: Schedule, kernels: Mapping[str, Kernel], weights: Mapping[int, torch.Tensor]
+        self,
+        schedule: Schedule,
+        kernels: Mapping[str, Kernel],
+        weights: Mapping[int, torch.Tensor],
+        keepalive: Sequence[Any] = (),
     ) -> None:
-        """`weights` maps the slot of each setup task's source (a parameter input) to its real tensor."""
+        """`weights` maps the slot of each setup task's source (a parameter input) to its real tensor;
+        `keepalive` holds what the kernels need for as long as this executor lives (prepacked weights)."""
         self.schedule = schedule
+        self._keepalive = list(keepalive)
         self._size = len(schedule.values)
         self._resident = {t.outputs[0]: _move(weights[t.inputs[0]], t.device) for t in schedule.setup}
         self._consts = {v.id: v.const for v in schedule.values if v.kind == "const"}

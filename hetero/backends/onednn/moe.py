@@ -1,0 +1,149 @@
+"""MoE experts on the host through PyTorch's bundled oneDNN.
+
+Weights are prepacked once into oneDNN's blocked layout, gate and up fused into one [2I, H]
+matrix per expert. A call groups the token-expert pairs by expert and runs, per expert with
+tokens, one gate_up GEMM and one down GEMM; SiLU·up, the routing weights and the scatter back to
+tokens run once over all pairs. Every GEMM uses all of oneDNN's threads.
+
+int8: weights are quantised per output channel (symmetric, int8); activations per call and per
+tensor (asymmetric, uint8); oneDNN's u8s8 matmul dequantises into the output dtype.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from collections.abc import Sequence
+
+import torch
+
+from hetero.ops import expert_weight, num_experts, routing
+
+_COMPUTE = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16}
+
+
+class PackedMoe:
+    """One MoE layer's experts, prepacked for oneDNN."""
+
+    def __init__(
+        self,
+        gate: Sequence[torch.Tensor],
+        up: Sequence[torch.Tensor],
+        down: Sequence[torch.Tensor],
+        dtype: str,
+    ) -> None:
+        if dtype not in _COMPUTE:
+            raise ValueError(f"host MoE kernel: dtype {dtype!r} is not one of {sorted(_COMPUTE)}")
+        self.dtype = dtype
+        self.compute = _COMPUTE[dtype]
+        self.experts = num_experts(gate)
+        self.inter, self.hidden = expert_weight(gate, 0).shape
+        self.gate_up: list[torch.Tensor] = []
+        self.down: list[torch.Tensor] = []
+        self.gate_up_scale: list[torch.Tensor] = []
+        self.down_scale: list[torch.Tensor] = []
+        self.nbytes = 0
+        with torch.no_grad():
+            for e in range(self.experts):
+                # One expert at a time, on the host: peak memory is one expert's plain copy.
+                fused = torch.cat([expert_weight(gate, e), expert_weight(up, e)]).to("cpu", self.compute)
+                self._pack(fused, self.gate_up, self.gate_up_scale)
+                self._pack(expert_weight(down, e).to("cpu", self.compute), self.down, self.down_scale)
+
+    def _pack(self, weight: torch.Tensor, packed: list[torch.Tensor], scales: list[torch.Tensor]) -> None:
+        if self.dtype == "int8":
+            scale = weight.float().abs().amax(dim=1).clamp_min(1e-12) / 127
+            q = torch.round(weight.float() / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+            packed.append(torch.ops.onednn.qlinear_prepack(q, None))
+            scales.append(scale)
+            self.nbytes += q.numel() + scale.numel() * 4
+        else:
+            packed.append(torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None))
+            self.nbytes += weight.numel() * weight.element_size()
+
+    def __call__(
+        self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> torch.Tensor:
+        order, tokens, counts = routing(topk_ids, self.experts)
+        pairs = sum(counts)
+        out = torch.zeros(hidden.shape[0], self.hidden, dtype=torch.float32)
+        if pairs == 0:
+            return out.to(hidden.dtype)
+        x = hidden.index_select(0, tokens[:pairs]).to(self.compute)
+        gate_up = self._grouped(x, counts, self.gate_up, self.gate_up_scale)
+        h = torch.nn.functional.silu(gate_up[:, : self.inter]).mul_(gate_up[:, self.inter :])
+        y = self._grouped(h, counts, self.down, self.down_scale)
+        y = y.float().mul_(topk_weights.reshape(-1)[order[:pairs], None].float())
+        return out.index_add_(0, tokens[:pairs], y).to(hidden.dtype)
+
+    def _grouped(
+        self, x: torch.Tensor, counts: list[int], weights: list[torch.Tensor], scales: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """Rows of x grouped by expert (counts[e] rows each), each group times its expert's weight."""
+        if self.dtype == "int8":
+            x, x_scale, x_zero = _quantize_u8(x)
+        parts = []
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            rows = x[start : start + n]
+            if self.dtype == "int8":
+                zeros = torch.zeros(scales[e].shape[0], dtype=torch.long)
+                parts.append(
+                    torch.ops.onednn.qlinear_pointwise(
+                        rows,
+                        x_scale,
+                        x_zero,
+                        weights[e],
+                        scales[e],
+                        zeros,
+                        None,
+                        1.0,
+                        0,
+                        self.compute,
+                        "none",
+                        [],
+                        "",
+                    )
+                )
+            else:
+                parts.append(torch.ops.mkldnn._linear_pointwise(rows, weights[e], None, "none", [], ""))
+            start += n
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _quantize_u8(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    """Per-tensor asymmetric uint8 quantisation: (q, scale, zero point), 0.0 exactly representable."""
+    lo, hi = torch.aminmax(x.float())
+    lo, hi = min(lo.item(), 0.0), max(hi.item(), 0.0)
+    scale = max(hi - lo, 1e-8) / 255
+    zero = round(-lo / scale)
+    q = torch.clamp(torch.round(x.float() / scale) + zero, 0, 255).to(torch.uint8)
+    return q, scale, zero
+
+
+# Handles: compiled graphs name their prepacked experts by a number baked into the graph.
+_LIVE: weakref.WeakValueDictionary[int, PackedMoe] = weakref.WeakValueDictionary()
+_NEXT = itertools.count()
+
+
+def register(packed: PackedMoe) -> int:
+    handle = next(_NEXT)
+    _LIVE[handle] = packed
+    return handle
+
+
+@torch.library.impl("hetero::host_moe", "CPU")
+def _host_moe(
+    hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, handle: int
+) -> torch.Tensor:
+    packed = _LIVE.get(handle)
+    if packed is None:
+        raise RuntimeError(
+            f"hetero.host_moe: no prepacked experts for handle {handle}; "
+            "the compiled model that owned them is gone"
+            if handle >= 0
+            else "hetero.host_moe: the lowering was never bound to prepacked weights (handle -1)"
+        )
+    return packed(hidden, topk_ids, topk_weights)
