@@ -3,6 +3,7 @@
     hetero demo                         the main job on zoo:deepseek-v3-tiny
     hetero explain TARGET [--json]      what runs where, and why
     hetero explain --list               the built-in zoo models
+    hetero bench moe [--json]           one MoE layer: hetero vs eager, Inductor and the floor
 
 Exit codes: 0 success, 1 failure, 2 usage error.
 """
@@ -22,6 +23,7 @@ EXAMPLES = """examples:
   hetero explain zoo:deepseek-v3-tiny
   hetero explain zoo:qwen3-moe-tiny --json -O accel_memory_budget=200KiB
   hetero explain path/to/model.py:make     # make() returns (model, example_inputs)
+  hetero bench moe --json
 """
 
 
@@ -82,6 +84,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("--list", action="store_true", help="list the zoo models and exit")
     _add_options_flag(explain)
+    bench = sub.add_parser(
+        "bench",
+        help="benchmarks: ratios measured side by side in one run",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_argument(
+        "name", choices=["moe"], help="moe: one MoE layer on the host (hetero vs eager/Inductor)"
+    )
+    bench.add_argument("--json", action="store_true", help="print the numbers as JSON")
     return parser
 
 
@@ -95,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo(args.model, args.dtype, args.steps, args.dump_dir, dict(args.option))
         if args.command == "explain":
             return _explain(parser, args)
+        if args.command == "bench":
+            from hetero.bench import moe
+
+            return moe.main(as_json=args.json)
     except HeteroError as e:
         print(f"hetero: error: {e}", file=sys.stderr)
         return 1

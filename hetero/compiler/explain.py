@@ -42,7 +42,52 @@ def explain(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> Rep
         )
     new_breaks = Counter(counters["graph_break"]) - breaks_before
     breaks = [{"reason": reason, "count": n} for reason, n in new_breaks.most_common()]
-    return Report.merge(reports, breaks)
+    report = Report.merge(reports, breaks)
+    report.fallbacks += _experts_no_graph_held(model, reports, breaks)
+    return report
+
+
+def _experts_no_graph_held(
+    model: torch.nn.Module, reports: list[Report], breaks: list[dict[str, Any]]
+) -> list[dict[str, str]]:
+    """Experts modules of the model that no compiled graph saw whole, and why (a graph break, usually).
+
+    Such a layer still runs correctly, piece by piece, but its experts never reach a host kernel.
+    """
+    from hetero.compiler.meta import ModuleFrame
+    from hetero.passes.canonicalize import region_of
+
+    seen = {r["module"] for report in reports for r in report.regions if r["kind"] == "moe"}
+
+    def covered(path: str) -> bool:  # a region at the block covers its experts module, and vice versa
+        return any(m == path or path.startswith(m + ".") or m.startswith(path + ".") for m in seen)
+
+    found = []
+    for path, module in model.named_modules():
+        region = region_of((ModuleFrame(path, type(module).__name__),)) if path else None
+        if region is None or region.kind != "moe" or region.module != path or covered(path):
+            continue
+        if any(path.startswith(f + ".") for f in found):
+            continue
+        found.append(path)
+    if not found:
+        return []
+    if breaks:
+        first = " ".join(line.strip() for line in breaks[0]["reason"].splitlines()[:2] if line.strip())
+        why = (
+            f"Dynamo broke the model into {len(reports)} graphs ({sum(b['count'] for b in breaks)} graph "
+            f"breaks, first: {first!r}), so no graph holds this layer's routing and all its experts"
+        )
+    else:
+        why = "no compiled graph held this layer's routing and all its experts"
+    hint = (
+        "for the fast path, call hetero.ops.moe_experts(hidden, topk_ids, topk_weights, "
+        "<this experts module>) in place of the loop over experts"
+    )
+    return [
+        {"node": path, "op": "moe", "module": path, "reason": f"experts not lowered: {why}; {hint}"}
+        for path in found
+    ]
 
 
 def _hetero_cause(error: BaseException) -> HeteroError | None:

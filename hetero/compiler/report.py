@@ -97,6 +97,10 @@ class Report:
             if self.graphs:
                 lines += ["", f"== {sub.graph} =="]
             lines += sub._format_one()
+        whole_model = [f for f in self.fallbacks if "graph" not in f] if self.graphs else []
+        if whole_model:
+            lines.append("\nfallbacks found across graphs:")
+            lines += [f"  {f['module']}: {f['reason']}" for f in whole_model]
         return "\n".join(lines) + "\n"
 
     def _format_one(self) -> list[str]:

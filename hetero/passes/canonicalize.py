@@ -129,13 +129,10 @@ def _tag_regions(gm: fx.GraphModule) -> int:
         module = meta.module_path(node)
         region = Region("moe", module or "<top>")
         for other in gm.graph.nodes:
-            if (
-                other.op == "call_function"
-                and meta.module_path(other) == module
-                and meta.region(other) is None
-            ):
+            # The whole module is expert code, whatever a name-based rule called it (e.g. "mlp" for a *FFN).
+            if other.op == "call_function" and meta.module_path(other) == module:
+                tagged += meta.region(other) is None
                 other.meta[meta.REGION] = region
-                tagged += 1
         node.meta[meta.REGION] = region
     return tagged
 

@@ -61,13 +61,14 @@ class Rejection:
 
 
 def find_moe(gm: fx.GraphModule, region: Region, params: ParamValues) -> MoeMatch | Rejection:
-    nodes = list(gm.graph.nodes)
-    parent = region.module.rpartition(".")[0]
+    # The region, plus glue code (no region) in any module enclosing it: routing masks may be computed
+    # in the MoE block or further out. Pruning to private ancestors keeps only what the experts alone use.
+    enclosing = {"", *(region.module.rsplit(".", k)[0] for k in range(1, region.module.count(".") + 1))}
     scope = [
         n
-        for n in nodes
+        for n in gm.graph.nodes
         if n.op == "call_function"
-        and (meta.region(n) == region or (meta.region(n) is None and meta.module_path(n) == parent))
+        and (meta.region(n) == region or (meta.region(n) is None and meta.module_path(n) in enclosing))
     ]
     in_scope = set(scope)
     expert_params = {
@@ -79,7 +80,7 @@ def find_moe(gm: fx.GraphModule, region: Region, params: ParamValues) -> MoeMatc
     # returns something shaped like the hidden states.
     first_reason = None
     for o in scope:
-        members = _ancestors_within(o, in_scope)
+        members = _private_ancestors(o, in_scope)
         if not expert_params <= {p for n in members for p in param_sources(n)}:
             continue
         subgraph = [n for n in scope if n in members]
@@ -107,10 +108,10 @@ def find_moe(gm: fx.GraphModule, region: Region, params: ParamValues) -> MoeMatc
         )
     hidden, ids, weights = roles
     hidden_size = meta.size_hint(meta.val(hidden).shape[-1])
-    recipes = _recipes(sorted(expert_params, key=lambda p: p.name), hidden_size)
+    recipes = _recipes(sorted(expert_params, key=_fqn), hidden_size)
     if isinstance(recipes, str):
         return Rejection(region, recipes)
-    names = [p.name for p in sorted(expert_params, key=lambda p: p.name)]
+    names = [p.name for p in sorted(expert_params, key=_fqn)]
     if not all(n in params for n in names):
         return Rejection(region, "the real expert weights are not available to verify the match")
     verdict = params.memo(
@@ -123,12 +124,40 @@ def find_moe(gm: fx.GraphModule, region: Region, params: ParamValues) -> MoeMatc
     return MoeMatch(region, subgraph, hidden, ids, weights, recipes[verdict], hidden_size)
 
 
-def _ancestors_within(node: fx.Node, scope: set[fx.Node]) -> set[fx.Node]:
+def _private_ancestors(node: fx.Node, scope: set[fx.Node]) -> set[fx.Node]:
+    """`node` and its ancestors within scope that nothing outside them reads.
+
+    A value also read elsewhere (the hidden states the router reads too) is an input of the experts,
+    not part of them; so is everything it depends on.
+    """
+    members = {node}
+    stack = [node]
+    while stack:
+        for a in stack.pop().all_input_nodes:
+            if a in scope and a not in members:
+                members.add(a)
+                stack.append(a)
+    changed = True
+    while changed:
+        escaping = {n for n in members if n is not node and any(u not in members for u in n.users)}
+        changed = bool(escaping)
+        members -= escaping
+        if changed:  # whatever only the removed nodes needed is outside too
+            members &= _ancestors(node, members)
+    return members
+
+
+def _fqn(node: fx.Node) -> str:
+    """Parameters sort by name in the model, which every graph of it shares (placeholder numbers differ)."""
+    return meta.param(node).fqn
+
+
+def _ancestors(node: fx.Node, allowed: set[fx.Node]) -> set[fx.Node]:
     seen = {node}
     stack = [node]
     while stack:
         for a in stack.pop().all_input_nodes:
-            if a in scope and a not in seen:
+            if a in allowed and a not in seen:
                 seen.add(a)
                 stack.append(a)
     return seen

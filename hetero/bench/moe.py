@@ -1,0 +1,227 @@
+"""hetero bench moe: one MoE layer on the host, hetero against eager, Inductor and torch._grouped_mm.
+
+The layer is transformers' DeepseekV3MoE (router, 64 routed experts, 2 shared experts) at
+DeepSeek-V2-Lite sizes (hidden 2048, expert intermediate 1408, top-6), bf16, set up as inside a
+full model (`_experts_implementation = "grouped_mm"`). For 1, 16 and 128 tokens it reports the
+median time of each implementation and the floor
+
+    max(bytes of the expert weights the routing touches / measured read bandwidth,
+        FLOPs / measured bf16 GEMM peak)
+
+with bandwidth and peak measured in the same run. Compiled variants use torch.compile's default
+(automatic dynamic shapes). Memory: the process's resident and peak bytes around hetero's bf16
+compile, which frees the model's copy of the expert weights once they are prepacked.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from hetero.bench import machine
+from hetero.numerics import rel_error
+
+SIZES = {"hidden": 2048, "inter": 1408, "experts": 64, "top_k": 6, "shared": 2}
+TOKENS = (1, 16, 128)
+
+
+@dataclass
+class Row:
+    tokens: int
+    ms: dict[str, float]
+    floor_ms: float
+    floor_bound: str  # "memory" or "compute"
+    experts_touched: int
+    errors: dict[str, float]  # relative error of each implementation's output vs eager
+
+
+@dataclass
+class Result:
+    machine: str
+    host_isa: dict[str, str]
+    read_gbps: float
+    bf16_tflops: float
+    rows: list[Row] = field(default_factory=list)
+    memory: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def build_layer(seed: int = 0) -> torch.nn.Module:
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+    config = DeepseekV3Config(
+        hidden_size=SIZES["hidden"],
+        moe_intermediate_size=SIZES["inter"],
+        n_routed_experts=SIZES["experts"],
+        num_experts_per_tok=SIZES["top_k"],
+        n_shared_experts=SIZES["shared"],
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=1.0,
+    )
+    config._experts_implementation = "grouped_mm"  # what from_pretrained / from_config would set
+    with torch.device("meta"):
+        layer = DeepseekV3MoE(config)
+    layer = layer.to(torch.bfloat16).to_empty(device="cpu").eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).mul_(0.02).to(p.dtype))
+        layer.gate.e_score_correction_bias.zero_()
+    return layer.requires_grad_(False)
+
+
+def grouped_mm_layer(layer: torch.nn.Module) -> Any:
+    """The layer with its routed experts as two torch._grouped_mm calls over expert-sorted tokens."""
+    experts = layer.experts
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        shape = hidden.shape
+        _, weights, ids = layer.gate(hidden)
+        x = hidden.reshape(-1, shape[-1])
+        flat = ids.reshape(-1)
+        order = flat.argsort(stable=True)
+        tokens = order // ids.shape[-1]
+        counts = torch.bincount(flat, minlength=experts.num_experts)
+        offs = counts.cumsum(0).to(torch.int32)
+        gate_up = torch._grouped_mm(x[tokens], experts.gate_up_proj.transpose(1, 2), offs=offs)
+        gate, up = gate_up.chunk(2, dim=-1)
+        y = torch._grouped_mm(
+            torch.nn.functional.silu(gate) * up, experts.down_proj.transpose(1, 2), offs=offs
+        )
+        y = (y * weights.reshape(-1)[order, None]).to(x.dtype)
+        routed = torch.zeros_like(x).index_add_(0, tokens, y).view(shape)
+        return routed + layer.shared_experts(hidden)
+
+    return forward
+
+
+def floor(
+    layer: torch.nn.Module, hidden: torch.Tensor, read_bps: float, peak_flops: float
+) -> tuple[float, str, int]:
+    """(ms, bound, experts touched) for this input's actual routing."""
+    with torch.no_grad():
+        _, _, ids = layer.gate(hidden)
+    touched = int(ids.unique().numel())
+    h, i, k = SIZES["hidden"], SIZES["inter"], SIZES["top_k"]
+    expert_bytes = 3 * h * i * 2
+    shared_bytes = 3 * h * i * SIZES["shared"] * 2
+    tokens = hidden.numel() // h
+    flops = 2 * tokens * (k + SIZES["shared"]) * 3 * h * i
+    memory_ms = (touched * expert_bytes + shared_bytes) / read_bps * 1e3
+    compute_ms = flops / peak_flops * 1e3
+    return max(memory_ms, compute_ms), "memory" if memory_ms >= compute_ms else "compute", touched
+
+
+def run(tokens: tuple[int, ...] = TOKENS, repeats: int = 7, progress: Any = print) -> Result:
+    from hetero.backends.onednn import probe
+
+    start = time.perf_counter()
+    progress("measuring the machine (read bandwidth, bf16 GEMM peak)...")
+    result = Result(
+        machine.describe(), probe(), machine.read_bandwidth() / 1e9, machine.bf16_gemm_peak() / 1e12
+    )
+    progress("building the layer (1.1 GB of bf16 expert weights)...")
+    layer = build_layer()
+    g = torch.Generator().manual_seed(1)
+    inputs = {t: torch.randn(1, t, SIZES["hidden"], generator=g).to(torch.bfloat16) for t in tokens}
+    variants: dict[str, Any] = {"eager": layer, "torch._grouped_mm": grouped_mm_layer(layer)}
+    times: dict[str, dict[int, float]] = {}
+    outputs: dict[str, dict[int, torch.Tensor]] = {}
+
+    def measure(name: str, fn: Any) -> None:
+        progress(f"timing {name}...")
+        times[name], outputs[name] = {}, {}
+        with torch.no_grad():
+            for t in tokens:
+                x = inputs[t]
+                outputs[name][t] = fn(x)  # first call compiles
+                times[name][t] = median_ms(lambda: fn(x), repeats)  # noqa: B023 - called right here
+
+    def median_ms(fn: Any, n: int) -> float:
+        return machine.median_ms(fn, n, warmup=1)
+
+    for name, fn in variants.items():
+        measure(name, fn)
+    measure("inductor", torch.compile(layer))
+    measure(
+        "hetero int8",
+        torch.compile(layer, backend="hetero", options={"host_dtype": "int8", "release_weights": False}),
+    )
+    gc.collect()
+    machine.reset_peak_rss()
+    before, _ = machine.rss_bytes()
+    measure("hetero bf16", torch.compile(layer, backend="hetero"))
+    after, peak = machine.rss_bytes()
+    expert_bytes = sum(p.numel() * p.element_size() for p in layer.experts.parameters())
+    result.memory = {
+        "expert_weight_bytes": expert_bytes,
+        "rss_before": before,
+        "rss_after": after,
+        "rss_peak": peak,
+        "rss_growth": after - before,
+    }
+    for t in tokens:
+        floor_ms, bound, touched = floor(layer, inputs[t], result.read_gbps * 1e9, result.bf16_tflops * 1e12)
+        errors = {
+            name: rel_error(outputs[name][t], outputs["eager"][t]) for name in outputs if name != "eager"
+        }
+        result.rows.append(Row(t, {name: times[name][t] for name in times}, floor_ms, bound, touched, errors))
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def table(result: Result) -> str:
+    names = list(result.rows[0].ms)
+    lines = [
+        f"MoE layer (DeepseekV3MoE at DeepSeek-V2-Lite sizes: hidden {SIZES['hidden']}, expert "
+        f"intermediate {SIZES['inter']}, {SIZES['experts']} experts, top-{SIZES['top_k']}, "
+        f"{SIZES['shared']} shared), bf16",
+        f"machine: {result.machine}; oneDNN: bf16 {result.host_isa['bf16']}, int8 {result.host_isa['int8']}",
+        f"measured: read {result.read_gbps:.1f} GB/s, bf16 GEMM {result.bf16_tflops:.3f} TFLOP/s",
+        "",
+        "| tokens | " + " | ".join(f"{n} ms" for n in names) + " | floor ms | hetero bf16 / floor "
+        "| inductor / hetero bf16 | hetero bf16 / int8 |",
+        "| --- " * (len(names) + 5) + "|",
+    ]
+    for row in result.rows:
+        cells = [f"{row.ms[n]:.2f}" for n in names]
+        bf16, int8, ind = row.ms["hetero bf16"], row.ms["hetero int8"], row.ms["inductor"]
+        lines.append(
+            f"| {row.tokens} | " + " | ".join(cells) + f" | {row.floor_ms:.2f} ({row.floor_bound}, "
+            f"{row.experts_touched} experts) | {bf16 / row.floor_ms:.2f}x | {ind / bf16:.2f}x "
+            f"| {bf16 / int8:.2f}x |"
+        )
+    lines.append("")
+    lines.append(
+        "relative error vs eager: "
+        + "; ".join(
+            f"{row.tokens} tok: " + ", ".join(f"{n} {e:.1e}" for n, e in row.errors.items())
+            for row in result.rows
+        )
+    )
+    gib = {k: v / 2**30 for k, v in result.memory.items()}
+    lines.append(
+        f"memory around hetero bf16's compile: resident {gib['rss_before']:.2f} -> "
+        f"{gib['rss_after']:.2f} GiB "
+        f"(peak {gib['rss_peak']:.2f} GiB); expert weights {gib['expert_weight_bytes']:.2f} GiB"
+    )
+    lines.append(f"total {result.seconds:.0f} s")
+    return "\n".join(lines)
+
+
+def main(as_json: bool = False) -> int:
+    import sys
+
+    result = run(progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(json.dumps(result.to_dict(), indent=2) if as_json else table(result))
+    return 0
