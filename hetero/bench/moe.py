@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import json
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -122,47 +123,56 @@ def floor(
     return max(memory_ms, compute_ms), "memory" if memory_ms >= compute_ms else "compute", touched
 
 
-def run(tokens: tuple[int, ...] = TOKENS, repeats: int = 7, progress: Any = print) -> Result:
+def run(tokens: tuple[int, ...] = TOKENS, repeats: int = 9, progress: Any = print) -> Result:
+    """Compile and warm every variant, then time them round-robin: each repetition times every
+    variant at every size (and re-measures bandwidth and peak), so a noisy machine slows all of them
+    alike; the reported numbers are medians over repetitions."""
     from hetero.backends.onednn import probe
 
     start = time.perf_counter()
-    progress("measuring the machine (read bandwidth, bf16 GEMM peak)...")
-    result = Result(
-        machine.describe(), probe(), machine.read_bandwidth() / 1e9, machine.bf16_gemm_peak() / 1e12
-    )
-    progress("building the layer (1.1 GB of bf16 expert weights)...")
-    layer = build_layer()
     g = torch.Generator().manual_seed(1)
     inputs = {t: torch.randn(1, t, SIZES["hidden"], generator=g).to(torch.bfloat16) for t in tokens}
-    variants: dict[str, Any] = {"eager": layer, "torch._grouped_mm": grouped_mm_layer(layer)}
-    times: dict[str, dict[int, float]] = {}
     outputs: dict[str, dict[int, torch.Tensor]] = {}
-
-    def measure(name: str, fn: Any) -> None:
-        progress(f"timing {name}...")
-        times[name], outputs[name] = {}, {}
-        with torch.no_grad():
-            for t in tokens:
-                x = inputs[t]
-                outputs[name][t] = fn(x)  # first call compiles
-                times[name][t] = median_ms(lambda: fn(x), repeats)  # noqa: B023 - called right here
-
-    def median_ms(fn: Any, n: int) -> float:
-        return machine.median_ms(fn, n, warmup=1)
-
-    for name, fn in variants.items():
-        measure(name, fn)
-    measure("inductor", torch.compile(layer))
-    measure(
-        "hetero int8",
-        torch.compile(layer, backend="hetero", options={"host_dtype": "int8", "release_weights": False}),
+    with torch.no_grad():
+        # First, and on its own copy of the layer: hetero bf16, which frees the layer's copy of the
+        # experts once they are prepacked; the process's memory says whether they are held twice.
+        progress(
+            "building the layer (1.1 GB of bf16 expert weights); compiling hetero bf16, measuring memory..."
+        )
+        hetero_layer = build_layer()
+        gc.collect()
+        machine.reset_peak_rss()
+        before, _ = machine.rss_bytes()
+        hetero_bf16 = torch.compile(hetero_layer, backend="hetero")
+        outputs["hetero bf16"] = {t: hetero_bf16(inputs[t]) for t in tokens}
+        after, peak = machine.rss_bytes()
+        # The baselines run on a second copy with the same weights.
+        layer = build_layer()
+        variants: dict[str, Any] = {
+            "eager": layer,
+            "torch._grouped_mm": grouped_mm_layer(layer),
+            "inductor": torch.compile(layer),
+            "hetero int8": torch.compile(
+                layer, backend="hetero", options={"host_dtype": "int8", "release_weights": False}
+            ),
+        }
+        for name, fn in variants.items():
+            progress(f"compiling / warming {name}...")
+            outputs[name] = {t: fn(inputs[t]) for t in tokens}
+        variants["hetero bf16"] = hetero_bf16
+        expert_bytes = sum(p.numel() * p.element_size() for p in layer.experts.parameters())
+        progress(f"timing {len(variants)} variants x {len(tokens)} sizes, {repeats} rounds...")
+        samples: dict[tuple[str, int], list[float]] = {(n, t): [] for n in variants for t in tokens}
+        bandwidth, peak_flops = [], []
+        for _ in range(repeats):
+            bandwidth.append(machine.read_bandwidth(gib=0.5, repeats=1))
+            peak_flops.append(machine.bf16_gemm_peak(repeats=1))
+            for name, fn in variants.items():
+                for t in tokens:
+                    samples[(name, t)].append(machine.median_ms(lambda: fn(inputs[t]), 1, warmup=0))  # noqa: B023
+    result = Result(
+        machine.describe(), probe(), statistics.median(bandwidth) / 1e9, statistics.median(peak_flops) / 1e12
     )
-    gc.collect()
-    machine.reset_peak_rss()
-    before, _ = machine.rss_bytes()
-    measure("hetero bf16", torch.compile(layer, backend="hetero"))
-    after, peak = machine.rss_bytes()
-    expert_bytes = sum(p.numel() * p.element_size() for p in layer.experts.parameters())
     result.memory = {
         "expert_weight_bytes": expert_bytes,
         "rss_before": before,
@@ -175,7 +185,8 @@ def run(tokens: tuple[int, ...] = TOKENS, repeats: int = 7, progress: Any = prin
         errors = {
             name: rel_error(outputs[name][t], outputs["eager"][t]) for name in outputs if name != "eager"
         }
-        result.rows.append(Row(t, {name: times[name][t] for name in times}, floor_ms, bound, touched, errors))
+        ms = {name: statistics.median(samples[(name, t)]) for name in variants}
+        result.rows.append(Row(t, ms, floor_ms, bound, touched, errors))
     result.seconds = time.perf_counter() - start
     return result
 
