@@ -43,6 +43,7 @@ class Row:
 
 @dataclass
 class Result:
+    sizes: dict[str, int]
     machine: str
     host_isa: dict[str, str]
     read_gbps: float
@@ -55,16 +56,16 @@ class Result:
         return asdict(self)
 
 
-def build_layer(seed: int = 0) -> torch.nn.Module:
+def build_layer(sizes: dict[str, int] = SIZES, seed: int = 0) -> torch.nn.Module:
     from transformers import DeepseekV3Config
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
     config = DeepseekV3Config(
-        hidden_size=SIZES["hidden"],
-        moe_intermediate_size=SIZES["inter"],
-        n_routed_experts=SIZES["experts"],
-        num_experts_per_tok=SIZES["top_k"],
-        n_shared_experts=SIZES["shared"],
+        hidden_size=sizes["hidden"],
+        moe_intermediate_size=sizes["inter"],
+        n_routed_experts=sizes["experts"],
+        num_experts_per_tok=sizes["top_k"],
+        n_shared_experts=sizes["shared"],
         n_group=1,
         topk_group=1,
         routed_scaling_factor=1.0,
@@ -107,23 +108,25 @@ def grouped_mm_layer(layer: torch.nn.Module) -> Any:
 
 
 def floor(
-    layer: torch.nn.Module, hidden: torch.Tensor, read_bps: float, peak_flops: float
+    layer: torch.nn.Module, hidden: torch.Tensor, sizes: dict[str, int], read_bps: float, peak_flops: float
 ) -> tuple[float, str, int]:
     """(ms, bound, experts touched) for this input's actual routing."""
     with torch.no_grad():
         _, _, ids = layer.gate(hidden)
     touched = int(ids.unique().numel())
-    h, i, k = SIZES["hidden"], SIZES["inter"], SIZES["top_k"]
+    h, i, k = sizes["hidden"], sizes["inter"], sizes["top_k"]
     expert_bytes = 3 * h * i * 2
-    shared_bytes = 3 * h * i * SIZES["shared"] * 2
+    shared_bytes = 3 * h * i * sizes["shared"] * 2
     tokens = hidden.numel() // h
-    flops = 2 * tokens * (k + SIZES["shared"]) * 3 * h * i
+    flops = 2 * tokens * (k + sizes["shared"]) * 3 * h * i
     memory_ms = (touched * expert_bytes + shared_bytes) / read_bps * 1e3
     compute_ms = flops / peak_flops * 1e3
     return max(memory_ms, compute_ms), "memory" if memory_ms >= compute_ms else "compute", touched
 
 
-def run(tokens: tuple[int, ...] = TOKENS, repeats: int = 9, progress: Any = print) -> Result:
+def run(
+    tokens: tuple[int, ...] = TOKENS, repeats: int = 9, progress: Any = print, sizes: dict[str, int] = SIZES
+) -> Result:
     """Compile and warm every variant, then time them round-robin: each repetition times every
     variant at every size (and re-measures bandwidth and peak), so a noisy machine slows all of them
     alike; the reported numbers are medians over repetitions."""
@@ -131,7 +134,7 @@ def run(tokens: tuple[int, ...] = TOKENS, repeats: int = 9, progress: Any = prin
 
     start = time.perf_counter()
     g = torch.Generator().manual_seed(1)
-    inputs = {t: torch.randn(1, t, SIZES["hidden"], generator=g).to(torch.bfloat16) for t in tokens}
+    inputs = {t: torch.randn(1, t, sizes["hidden"], generator=g).to(torch.bfloat16) for t in tokens}
     outputs: dict[str, dict[int, torch.Tensor]] = {}
     with torch.no_grad():
         # First, and on its own copy of the layer: hetero bf16, which frees the layer's copy of the
@@ -139,7 +142,7 @@ def run(tokens: tuple[int, ...] = TOKENS, repeats: int = 9, progress: Any = prin
         progress(
             "building the layer (1.1 GB of bf16 expert weights); compiling hetero bf16, measuring memory..."
         )
-        hetero_layer = build_layer()
+        hetero_layer = build_layer(sizes)
         gc.collect()
         machine.reset_peak_rss()
         before, _ = machine.rss_bytes()
@@ -147,7 +150,7 @@ def run(tokens: tuple[int, ...] = TOKENS, repeats: int = 9, progress: Any = prin
         outputs["hetero bf16"] = {t: hetero_bf16(inputs[t]) for t in tokens}
         after, peak = machine.rss_bytes()
         # The baselines run on a second copy with the same weights.
-        layer = build_layer()
+        layer = build_layer(sizes)
         variants: dict[str, Any] = {
             "eager": layer,
             "torch._grouped_mm": grouped_mm_layer(layer),
@@ -171,7 +174,11 @@ def run(tokens: tuple[int, ...] = TOKENS, repeats: int = 9, progress: Any = prin
                 for t in tokens:
                     samples[(name, t)].append(machine.median_ms(lambda: fn(inputs[t]), 1, warmup=0))  # noqa: B023
     result = Result(
-        machine.describe(), probe(), statistics.median(bandwidth) / 1e9, statistics.median(peak_flops) / 1e12
+        dict(sizes),
+        machine.describe(),
+        probe(),
+        statistics.median(bandwidth) / 1e9,
+        statistics.median(peak_flops) / 1e12,
     )
     result.memory = {
         "expert_weight_bytes": expert_bytes,
@@ -181,7 +188,9 @@ def run(tokens: tuple[int, ...] = TOKENS, repeats: int = 9, progress: Any = prin
         "rss_growth": after - before,
     }
     for t in tokens:
-        floor_ms, bound, touched = floor(layer, inputs[t], result.read_gbps * 1e9, result.bf16_tflops * 1e12)
+        floor_ms, bound, touched = floor(
+            layer, inputs[t], sizes, result.read_gbps * 1e9, result.bf16_tflops * 1e12
+        )
         errors = {
             name: rel_error(outputs[name][t], outputs["eager"][t]) for name in outputs if name != "eager"
         }
@@ -193,10 +202,10 @@ def run(tokens: tuple[int, ...] = TOKENS, repeats: int = 9, progress: Any = prin
 
 def table(result: Result) -> str:
     names = list(result.rows[0].ms)
+    sizes = result.sizes
     lines = [
-        f"MoE layer (DeepseekV3MoE at DeepSeek-V2-Lite sizes: hidden {SIZES['hidden']}, expert "
-        f"intermediate {SIZES['inter']}, {SIZES['experts']} experts, top-{SIZES['top_k']}, "
-        f"{SIZES['shared']} shared), bf16",
+        f"MoE layer (DeepseekV3MoE: hidden {sizes['hidden']}, expert intermediate {sizes['inter']}, "
+        f"{sizes['experts']} experts, top-{sizes['top_k']}, {sizes['shared']} shared), bf16",
         f"machine: {result.machine}; oneDNN: bf16 {result.host_isa['bf16']}, int8 {result.host_isa['int8']}",
         f"measured: read {result.read_gbps:.1f} GB/s, bf16 GEMM {result.bf16_tflops:.3f} TFLOP/s",
         "",

@@ -1,0 +1,29 @@
+"""The benchmark code runs and reports what it promises (at toy sizes; the real run is `hetero bench moe`)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+from hetero.bench import moe
+
+TOY = {"hidden": 64, "inter": 32, "experts": 8, "top_k": 2, "shared": 1}
+
+
+def test_bench_moe_reports_every_variant_the_floor_and_memory() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = moe.run(tokens=(1, 4), repeats=2, progress=lambda msg: None, sizes=TOY)
+    data = json.loads(json.dumps(result.to_dict()))
+    assert [row["tokens"] for row in data["rows"]] == [1, 4]
+    for row in data["rows"]:
+        assert set(row["ms"]) == {"eager", "torch._grouped_mm", "inductor", "hetero int8", "hetero bf16"}
+        assert all(ms > 0 for ms in row["ms"].values())
+        assert row["floor_ms"] > 0 and row["floor_bound"] in ("memory", "compute")
+        assert 1 <= row["experts_touched"] <= TOY["experts"]
+        assert row["errors"]["hetero bf16"] <= 2e-2
+        assert row["errors"]["hetero int8"] <= 1e-1
+    assert data["read_gbps"] > 0 and data["bf16_tflops"] > 0
+    assert data["memory"]["expert_weight_bytes"] == 3 * 64 * 32 * 8 * 2
+    text = moe.table(result)
+    assert "hetero bf16 / floor" in text and "| 4 |" in text
