@@ -37,6 +37,12 @@ def _parse_option(text: str) -> tuple[str, Any]:
         return key, raw
 
 
+def _command(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
+    return sub.add_parser(
+        name, help=help_text, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
 def _add_options_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-O",
@@ -58,12 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser(
-        "demo",
-        help="compile zoo:deepseek-v3-tiny, prefill + decode, check against eager",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    demo = _command(sub, "demo", "compile zoo:deepseek-v3-tiny, prefill + decode, check against eager")
     demo.add_argument("--model", default="deepseek-v3-tiny", help="zoo model (default: deepseek-v3-tiny)")
     demo.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     demo.add_argument("--steps", type=int, default=8, help="decode steps after the prefill (default: 8)")
@@ -72,24 +73,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_options_flag(demo)
 
-    explain = sub.add_parser(
-        "explain",
-        help="compile TARGET and report placement, partitions and transfers",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    explain = _command(sub, "explain", "compile TARGET and report placement, partitions and transfers")
     explain.add_argument("target", nargs="?", help="zoo:NAME or path/to/file.py:factory")
     explain.add_argument(
         "--json", action="store_true", help="print the report as JSON (the summary.json dict)"
     )
     explain.add_argument("--list", action="store_true", help="list the zoo models and exit")
     _add_options_flag(explain)
-    bench = sub.add_parser(
-        "bench",
-        help="benchmarks: ratios measured side by side in one run",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    bench = _command(sub, "bench", "benchmarks: ratios measured side by side in one run")
     bench.add_argument(
         "name", choices=["moe"], help="moe: one MoE layer on the host (hetero vs eager/Inductor)"
     )

@@ -94,6 +94,11 @@ def param(node: fx.Node) -> ParamInfo | None:
     return _get(node, PARAM)
 
 
+def param_sizes(gm: fx.GraphModule) -> dict[str, int]:
+    """Bytes of each parameter placeholder, by placeholder name."""
+    return {n.name: param(n).nbytes for n in gm.graph.nodes if n.op == "placeholder" and param(n)}
+
+
 def region(node: fx.Node) -> Region | None:
     return _get(node, REGION)
 

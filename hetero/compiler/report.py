@@ -161,7 +161,7 @@ def build_report(
     compilers: dict[str, str],
     dump: str | None,
 ) -> Report:
-    sizes = {n.name: meta.param(n).nbytes for n in gm.graph.nodes if n.op == "placeholder" and meta.param(n)}
+    sizes = meta.param_sizes(gm)
     report = Report(
         graph=graph,
         accel=accel,

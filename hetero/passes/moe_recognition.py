@@ -130,13 +130,7 @@ def _private_ancestors(node: fx.Node, scope: set[fx.Node]) -> set[fx.Node]:
     A value also read elsewhere (the hidden states the router reads too) is an input of the experts,
     not part of them; so is everything it depends on.
     """
-    members = {node}
-    stack = [node]
-    while stack:
-        for a in stack.pop().all_input_nodes:
-            if a in scope and a not in members:
-                members.add(a)
-                stack.append(a)
+    members = _ancestors(node, scope)
     changed = True
     while changed:
         escaping = {n for n in members if n is not node and any(u not in members for u in n.users)}

@@ -122,7 +122,7 @@ def _fit_budget(gm: fx.GraphModule, nodes: list[fx.Node], ctx: PassContext) -> l
     for node in nodes:
         region = meta.region(node)
         groups[region.module if region else meta.module_path(node) or "<top>"].append(node)
-    sizes = _placeholder_bytes(gm)
+    sizes = meta.param_sizes(gm)
     movable = []
     for module, members in groups.items():
         # Only regions wholly on accel, not pinned there by a user rule, and able to run on host.
@@ -146,16 +146,12 @@ def _fit_budget(gm: fx.GraphModule, nodes: list[fx.Node], ctx: PassContext) -> l
 
 def param_bytes_by_role(gm: fx.GraphModule) -> tuple[int, int]:
     """(accel, host) bytes of the distinct parameters read by each role's nodes."""
-    sizes = _placeholder_bytes(gm)
+    sizes = meta.param_sizes(gm)
     on: dict[Role, set[str]] = {"accel": set(), "host": set()}
     for node in gm.graph.nodes:
         if node.op == "call_function" and meta.cost(node) is not None:
             on[meta.role(node)].update(meta.cost(node).params)
     return sum(sizes[p] for p in on["accel"]), sum(sizes[p] for p in on["host"])
-
-
-def _placeholder_bytes(gm: fx.GraphModule) -> dict[str, int]:
-    return {n.name: meta.param(n).nbytes for n in gm.graph.nodes if n.op == "placeholder" and meta.param(n)}
 
 
 def _align_zero_copy(gm: fx.GraphModule) -> int:
