@@ -6,7 +6,10 @@
      "regions": [{"kind", "module", "role", "lowering", "param_bytes", "nodes", "placed_by"}],
      "transfers": [{"src", "dst", "bytes", "kind", "value", "src_role", "dst_role"}],
      "fallbacks": [{"node", "op", "module", "reason"}],
-     "budget": {...}, "dump": str|None}
+     "budget": {...}, "dump": str|None,
+     "host_isa": str,                       # what oneDNN dispatches host kernels to, e.g. "avx512_core_amx"
+     "host_kernels": [{"region", "kind", "backend", "dtype", "experts", "packed_bytes"}],
+     "released_weight_bytes": int}          # the model's copies of prepacked weights, freed
 
 In "transfers", src and dst are partition ids; -1 stands for the graph's inputs (src) or outputs
 (dst). A region split across roles appears once per role.
