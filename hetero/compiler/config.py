@@ -52,6 +52,7 @@ class HeteroConfig:
     host_embedding_bytes: int = 1 << 30
     partition_compiler: Literal["inductor", "eager"] = "inductor"
     host_dtype: Literal["auto", "fp32", "bf16", "int8"] = "auto"
+    engram: Literal["lookup", "block"] = "lookup"
     release_weights: bool = True
     dump_dir: str | None = None
     strict: bool = False
@@ -288,6 +289,10 @@ _FIELDS: dict[str, _Field] = {
     "host_dtype": _Field(
         _choice("auto", "fp32", "bf16", "int8"),
         "what host kernels compute in: 'auto' = the model's dtype; 'int8' = int8 weights, per-channel scales",
+    ),
+    "engram": _Field(
+        _choice("lookup", "block"),
+        "Engram split: 'lookup' = hash and gather on host, gating block on accel; 'block' = all on host",
     ),
     "release_weights": _Field(
         _bool, "free the model's copy of weights a host kernel has prepacked (else they are held twice)"

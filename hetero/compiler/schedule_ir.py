@@ -40,6 +40,9 @@ class Task:
     bytes: int = 0  # bytes moved (transfers) or read and written (partitions)
     flops: int = 0
     regions: tuple[str, ...] = ()
+    # Runs on a host worker thread from the start of the call (an Engram lookup and its transfers):
+    # it reads graph inputs only, and the tasks that need its outputs wait for them.
+    prefetch: bool = False
 
 
 @dataclass(frozen=True)

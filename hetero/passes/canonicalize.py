@@ -35,6 +35,7 @@ from hetero.compiler import meta
 from hetero.compiler.meta import ModuleFrame, Region, RegionKind
 from hetero.compiler.pipeline import PassContext, PassResult
 from hetero.passes.analyze_cost import param_sources
+from hetero.passes.engram_recognition import find_engram_lookups
 from hetero.passes.moe_recognition import MoeMatch, Rejection, find_moe
 
 
@@ -98,7 +99,7 @@ class Rewrite:
 
 def canonicalize(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     tagged = _tag_regions(gm)
-    stats = {"tagged_nodes": tagged}
+    stats = {"tagged_nodes": tagged, "engram_lookups": _tag_engram(gm)}
     for rewrite in REWRITES:
         stats[f"rewrites.{rewrite.name}"] = rewrite.apply(gm, ctx)
     regions = {meta.region(n) for n in gm.graph.nodes if meta.region(n) is not None}
@@ -135,6 +136,18 @@ def _tag_regions(gm: fx.GraphModule) -> int:
                 other.meta[meta.REGION] = region
         node.meta[meta.REGION] = region
     return tagged
+
+
+def _tag_engram(gm: fx.GraphModule) -> int:
+    """Engram lookups (hash and gather) and the rest of their blocks, found by structure."""
+    lookups = find_engram_lookups(gm)
+    for found in lookups:
+        for node in gm.graph.nodes:
+            if node in found.lookup:
+                node.meta[meta.REGION] = found.lookup_region
+            elif node.op == "call_function" and any(f.path == found.block for f in meta.module_stack(node)):
+                node.meta[meta.REGION] = found.block_region
+    return len(lookups)
 
 
 def _rewrite_moe_experts(gm: fx.GraphModule, ctx: PassContext) -> int:

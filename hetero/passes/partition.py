@@ -10,9 +10,11 @@ them; parameters needed on another device become one-time "weight" transfers; ou
 to the device eager would have produced them on. Symbolic sizes cross freely.
 
 How: a node's level is the number of role changes on the longest path reaching it (nodes computed
-from graph inputs alone, such as weight views, sink to the level of their users); nodes of one
-(role, level) form a group, and every edge between groups raises the level, so groups form a
-DAG. Same-role groups are then merged while the quotient graph stays acyclic (networkx).
+from graph inputs alone, such as weight views, sink to the level of their users; Engram lookups do
+not: they are hoisted); nodes of one (role, level) form a group, Engram lookups a group of their
+own, and every edge between groups raises the level or leaves a lookup group (whose inputs are
+graph inputs only), so groups form a DAG. Same-role groups are then merged while the quotient graph
+stays acyclic (networkx).
 
     before:  %mm = aten.mm(%x, %t)  @accel
              %relu = aten.relu(%mm)  @host
@@ -38,6 +40,7 @@ from hetero.compiler.config import Role, Target
 from hetero.compiler.meta import PartitionInfo, TransferInfo
 from hetero.compiler.ops import transfer
 from hetero.compiler.pipeline import PassContext, PassResult
+from hetero.passes.engram_recognition import is_lookup_region
 
 
 def partition(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -69,7 +72,8 @@ def partition_groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
         preds = [p for p in n.all_input_nodes if p in position]
         level[n] = max((level[p] + (meta.role(p) != meta.role(n)) for p in preds), default=0)
     _sink_input_only_nodes(compute, position, level)
-    key_of = {n: (meta.role(n), level[n]) for n in compute}
+    # Engram lookups get groups of their own: a prefetch task must not wait on, or hold up, other work.
+    key_of = {n: (meta.role(n), level[n], is_lookup_region(meta.region(n))) for n in compute}
     quotient = nx.DiGraph()
     quotient.add_nodes_from(set(key_of.values()))
     for n in compute:
@@ -89,36 +93,55 @@ def partition_groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
 def _sink_input_only_nodes(
     compute: list[fx.Node], position: dict[fx.Node, int], level: dict[fx.Node, int]
 ) -> None:
-    """Nodes computed from graph inputs alone (weight views, position ids) move as late as their users allow.
+    """Nodes that read no activation (weight views, constants, position ids from sizes) move as late as
+    their users allow.
 
     So `t(W)` joins the partition of the `mm` that reads it instead of travelling between partitions.
     A user u bounds such a node at level(u) (same role) or level(u) - 1 (other role); levels only rise.
+    Work on activations never sinks (it would wait for later inputs), and Engram lookups are hoisted.
     """
-    input_only: set[fx.Node] = set()
+    weights_only: set[fx.Node] = set()
     for n in compute:
-        if all(p in input_only for p in n.all_input_nodes if p in position):
-            input_only.add(n)
+        if is_lookup_region(meta.region(n)):
+            continue
+        if all(_reads_no_activation(p, weights_only) for p in n.all_input_nodes):
+            weights_only.add(n)
     for n in reversed(compute):
-        if n not in input_only:
+        if n not in weights_only:
             continue
         bounds = [level[u] - (meta.role(u) != meta.role(n)) for u in n.users if u in position]
         if bounds:
             level[n] = max(level[n], min(bounds))
 
 
+def _reads_no_activation(value: fx.Node, weights_only: set[fx.Node]) -> bool:
+    if value.op == "placeholder":
+        return meta.param(value) is not None or not isinstance(meta.val(value), torch.Tensor)
+    return value.op == "get_attr" or value in weights_only
+
+
 def _merge_same_role(quotient: nx.DiGraph, members: dict[Any, list[fx.Node]]) -> None:
-    """Merge groups of one role when no path between them leaves and re-enters (contraction stays acyclic)."""
+    """Merge groups of one role when no path between them leaves and re-enters (contraction stays acyclic)
+    and both wait on the same prefetched lookups (work that needs none must not wait for one)."""
     for role in ("accel", "host"):
         keys = sorted((k for k in quotient if k[0] == role), key=lambda k: k[1])
         kept: list[Any] = []
         for b in keys:
             for a in kept:
-                if _contractible(quotient, a, b):
+                if (
+                    a[2] == b[2]
+                    and _lookups_before(quotient, a) == _lookups_before(quotient, b)
+                    and _contractible(quotient, a, b)
+                ):
                     nx.contracted_nodes(quotient, a, b, self_loops=False, copy=False)
                     members[a].extend(members.pop(b))
                     break
             else:
                 kept.append(b)
+
+
+def _lookups_before(g: nx.DiGraph, key: Any) -> set[Any]:
+    return {k for k in nx.ancestors(g, key) if k[2]}
 
 
 def _contractible(g: nx.DiGraph, a: Any, b: Any) -> bool:

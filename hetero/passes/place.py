@@ -34,6 +34,7 @@ from hetero.compiler.meta import BudgetReport
 from hetero.compiler.pipeline import PassContext, PassResult
 from hetero.compiler.units import format_bytes
 from hetero.passes.analyze_cost import is_zero_copy, param_sources
+from hetero.passes.engram_recognition import is_lookup_region
 
 _OTHER: dict[Role, Role] = {"accel": "host", "host": "accel"}
 
@@ -82,6 +83,12 @@ def _decide(node: fx.Node, ctx: PassContext) -> tuple[Role, str]:
     region = meta.region(node)
     if region is not None and region.kind == "moe":
         return "host", "default: MoE experts live on host"
+    if is_lookup_region(region):
+        return "host", "default: Engram tables and their lookups live on host"
+    if region is not None and region.kind == "engram":
+        if ctx.config.engram == "block":
+            return "host", "engram='block': the whole Engram block runs on host"
+        return "accel", "engram='lookup': the Engram gating block stays on accel"
     if region is not None and region.kind == "embedding":
         table = meta.cost(node).param_bytes if meta.cost(node) else 0
         if table >= ctx.config.host_embedding_bytes:

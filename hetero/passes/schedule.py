@@ -24,6 +24,7 @@ from hetero.compiler import meta
 from hetero.compiler.ops import transfer
 from hetero.compiler.pipeline import PassContext, PassResult
 from hetero.compiler.schedule_ir import Schedule, Task, Value
+from hetero.passes.engram_recognition import is_lookup_region
 
 
 def schedule(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -36,6 +37,8 @@ def schedule(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         return values[-1].id
 
     inputs, setup, tasks = [], [], []
+    prefetched: set[int] = set()  # slots written by prefetch tasks
+    prefetch_nodes = _prefetch_nodes(gm)
     outputs: tuple[int, ...] = ()
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -50,6 +53,7 @@ def schedule(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 out_slots.append(slot[user])
             costs = [meta.cost(n) for n in sub.graph.nodes if n.op == "call_function" and meta.cost(n)]
             regions = sorted({str(meta.region(n)) for n in sub.graph.nodes if meta.region(n) is not None})
+            prefetch = node in prefetch_nodes
             tasks.append(
                 Task(
                     len(tasks),
@@ -62,8 +66,11 @@ def schedule(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                     bytes=sum(c.bytes for c in costs),
                     flops=sum(c.flops for c in costs),
                     regions=tuple(regions),
+                    prefetch=prefetch,
                 )
             )
+            if prefetch:
+                prefetched.update(out_slots)
         elif node.op == "call_function" and node.target is transfer:
             t = meta.transfer(node)
             slot[node] = new_value(node.name, meta.val(node))
@@ -78,11 +85,14 @@ def schedule(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 transfer_kind=t.kind,
                 src_role=t.src,
                 bytes=t.bytes,
+                prefetch=node in prefetch_nodes,
             )
             if t.kind == "weight":
                 setup.append(_renumber(task, len(setup)))
             else:
                 tasks.append(_renumber(task, len(tasks)))
+                if task.prefetch:
+                    prefetched.add(slot[node])
         elif node.op == "call_function" and node.target is operator.getitem:
             continue  # partition outputs got their slots above
         elif node.op == "output":
@@ -96,6 +106,32 @@ def schedule(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     gm.meta[meta.SCHEDULE] = result
     stats = {"tasks": len(tasks), "setup_tasks": len(setup), "values": len(values)}
     return PassResult(gm, changed=False, stats=stats)
+
+
+def _prefetch_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """Partitions made only of Engram lookups, the input transfers only they read, and the transfers
+    of their results: what a host worker can run from the start of the call."""
+    found: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and meta.partition(node) is not None:
+            sub = getattr(gm, node.target)
+            inner = [n for n in sub.graph.nodes if n.op == "call_function"]
+            if inner and all(is_lookup_region(meta.region(n)) for n in inner):
+                found.add(node)
+    for node in gm.graph.nodes:  # the inputs they read through a transfer
+        if (
+            node.target is transfer
+            and meta.transfer(node).kind == "input"
+            and node.users
+            and set(node.users) <= found
+        ):
+            found.add(node)
+    for node in gm.graph.nodes:  # their results, moved to where they are read
+        if node.target is transfer and node.args[0].op == "call_function":
+            source = node.args[0].args[0] if node.args[0].target is operator.getitem else node.args[0]
+            if source in found:
+                found.add(node)
+    return found
 
 
 def _renumber(task: Task, index: int) -> Task:
@@ -130,6 +166,11 @@ def check(gm: fx.GraphModule, ctx: PassContext) -> None:
     assert isinstance(sched, Schedule), "schedule pass left no Schedule"
     ready = set(sched.inputs) | {t.outputs[0] for t in sched.setup}
     ready |= {v.id for v in sched.values if v.kind == "const"}
+    early = set(ready)  # what a prefetch task may read: inputs, weights, constants, other prefetches
+    for task in sched.tasks:
+        if task.prefetch:
+            assert set(task.inputs) <= early, f"prefetch task {task.name} reads slots computed by other tasks"
+            early |= set(task.outputs)
     for task in sched.tasks:
         missing = [s for s in task.inputs if s not in ready]
         assert not missing, f"task {task.name} reads slots {missing} before they are written"

@@ -25,6 +25,7 @@ class ZooModel:
     model: torch.nn.Module
     example_inputs: tuple[torch.Tensor, ...]
     config: Any  # transformers.PretrainedConfig
+    cache_class: Any = None  # what new_cache builds; transformers' DynamicCache when None
 
     def make_inputs(self, batch: int = 2, seq: int = 8, seed: int = 0) -> tuple[torch.Tensor, ...]:
         """Fresh random token ids, on the model's device."""
@@ -33,9 +34,11 @@ class ZooModel:
         return (ids.to(_device_of(self.model)),)
 
     def new_cache(self) -> Any:
-        from transformers import DynamicCache
+        if self.cache_class is None:
+            from transformers import DynamicCache
 
-        return DynamicCache(config=self.config)
+            return DynamicCache(config=self.config)
+        return self.cache_class(config=self.config)
 
 
 def _deepseek_v3() -> Any:
@@ -113,12 +116,30 @@ def _llama() -> Any:
     )
 
 
+def _tiny_engram() -> Any:
+    from hetero.zoo.engram import EngramConfig
+
+    # Tables of 16 heads x ~1k rows; hashes over 2- and 3-grams; two mock hyper-connection branches.
+    return EngramConfig(
+        hidden_size=64,
+        hc_mult=2,
+        vocab_size=512,
+        heads_per_ngram=4,
+        dim_per_ngram=32,
+        rows_per_ngram=(1009, 1201),
+    )
+
+
 ZOO: dict[str, Callable[[], Any]] = {
     "deepseek-v3-tiny": _deepseek_v3,
     "qwen3-moe-tiny": _qwen3_moe,
     "mixtral-tiny": _mixtral,
     "llama-tiny": _llama,
+    "engram-tiny": _llama,
+    "deepseek-v3-engram-tiny": _deepseek_v3,
 }
+# Engram models: the backbone above plus Engram blocks before these layers.
+ENGRAM_LAYERS: dict[str, tuple[int, ...]] = {"engram-tiny": (1,), "deepseek-v3-engram-tiny": (1, 2)}
 
 
 def names() -> list[str]:
@@ -136,11 +157,17 @@ def build(name: str, *, dtype: torch.dtype = torch.float32, seed: int = 0, devic
     from transformers import AutoModelForCausalLM
 
     config = ZOO[name]()
+    cache_class = None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
+        if name in ENGRAM_LAYERS:
+            from hetero.zoo.engram_lm import EngramCausalLM, engram_cache_class
+
+            model = EngramCausalLM(model, _tiny_engram(), ENGRAM_LAYERS[name])
+            cache_class = engram_cache_class()
     model = model.to(device=device, dtype=dtype).eval()
-    zm = ZooModel(name, model, (), config)
+    zm = ZooModel(name, model, (), config, cache_class)
     zm.example_inputs = zm.make_inputs(seed=seed)
     return zm
 
