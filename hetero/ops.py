@@ -176,6 +176,17 @@ def _(hidden, topk_ids, topk_weights, handle):
     return torch.empty_like(hidden)
 
 
-from hetero.compiler.capability import register_op_roles  # noqa: E402 - after the op exists
+# Linears on the host lowered to one prepacked oneDNN GEMM (several linears reading the same input are
+# fused: their outputs are column ranges of the result).
+torch.library.define("hetero::host_linear", "(Tensor x, int out_features, int handle) -> Tensor")
+
+
+@torch.library.register_fake("hetero::host_linear")
+def _(x, out_features, handle):
+    return x.new_empty(x.shape[0], out_features)
+
+
+from hetero.compiler.capability import register_op_roles  # noqa: E402 - after the ops exist
 
 register_op_roles("hetero::host_moe", {"host"})
+register_op_roles("hetero::host_linear", {"host"})

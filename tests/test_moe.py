@@ -131,7 +131,7 @@ def test_unsupported_variants_fall_back_correctly_with_the_reason(variant: dict,
     x = torch.randn(5, 32)
     with pytest.warns(UserWarning, match="not lowered"):
         report = hetero.explain(model, x, **EAGER)
-    assert [r["lowering"] for r in report.regions if r["kind"] == "moe"] == ["eager"]
+    assert not [k for k in report.host_kernels if k["kind"] == "moe"]  # no MoE kernel: the experts' own code
     assert any(reason in f["reason"] for f in report.fallbacks)
     _compile_and_compare(model, torch.float32, [(x,)], **EAGER)
     with pytest.raises(FallbackError, match=reason):

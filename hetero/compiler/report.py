@@ -8,7 +8,7 @@
      "fallbacks": [{"node", "op", "module", "reason"}],
      "budget": {...}, "dump": str|None,
      "host_isa": str,                       # what oneDNN dispatches host kernels to, e.g. "avx512_core_amx"
-     "host_kernels": [{"region", "kind", "backend", "dtype", "experts", "packed_bytes"}],
+     "host_kernels": [{"region", "kind", "backend", "dtype", "experts" | "linears", "packed_bytes"}],
      "released_weight_bytes": int}          # the model's copies of prepacked weights, freed
 
 In "transfers", src and dst are partition ids; -1 stands for the graph's inputs (src) or outputs
@@ -140,8 +140,9 @@ class Report:
                 lines.append(f"  moved to host to fit the budget: {m['module']} ({format_bytes(m['bytes'])})")
         lines.append(f"\nhost ISA (oneDNN): {self.host_isa}")
         for k in self.host_kernels:
+            count = f"{k['experts']} experts" if "experts" in k else f"{k['linears']} linears fused"
             lines.append(
-                f"  {k['region']}: {k['backend']} {k['kind']} {k['dtype']}, {k['experts']} experts, "
+                f"  {k['region']}: {k['backend']} {k['kind']} {k['dtype']}, {count}, "
                 f"{format_bytes(k['packed_bytes'])} prepacked"
             )
         if self.released_weight_bytes:

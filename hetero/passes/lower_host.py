@@ -1,16 +1,22 @@
-"""lower_host: hand each host partition's MoE ops to host kernels (oneDNN).
+"""lower_host: hand each host partition's MoE ops and linears to host kernels (oneDNN).
 
 Expects: the partitioned graph (partition); `hetero.moe_experts` nodes from canonicalize.
-Guarantees: every `hetero.moe_experts` node in a host partition that the host kernels support is
-replaced by `hetero.host_moe(hidden, ids, weights, handle=-1)` carrying `hetero.lowering` =
-HostKernel (dtype, the weights' placeholders, and a recipe: a small graph computing the
-gate/up/down weight lists from them, views only). The backend runs the recipe on the real
+Guarantees, in host partitions:
+- every `hetero.moe_experts` the host kernels support becomes `hetero.host_moe(hidden, ids, weights, -1)`;
+- every linear on a weight parameter (`mm(x, t(W))`, `addmm(b, x, t(W))`) becomes
+  `hetero.host_linear(x, N, -1)`, one per group of linears reading the same input (their outputs are
+  column slices of the fused result);
+each carrying `hetero.lowering` = HostKernel (dtype, the weights' placeholders, and a recipe: a small
+graph computing the kernel's weights from them, views only). The backend runs the recipe on the real
 weights once, prepacks them and binds the handle. Weight inputs nothing else reads leave the
 partition and the top-level graph, so no weight is copied per call or kept twice. A host `moe`
 region that stays unlowered is recorded as a fallback with its reason.
 
     before:  %moe_experts = hetero.moe_experts(%reshape, %ids, %w, [%slice], [%slice_1], [%arg27_1], 'silu')
-    after:   %host_moe = hetero.host_moe(%reshape, %ids, %w, -1)   # lowering: onednn bf16, 8 experts
+             %addmm = aten.addmm(%b0, %view, %t)   %addmm_1 = aten.addmm(%b1, %view_1, %t_1)
+    after:   %host_moe = hetero.host_moe(%reshape, %ids, %w, -1)        # [onednn moe bf16, 8 experts]
+             %host_linear = hetero.host_linear(%view, 128, -1)           # [onednn linear fp32, 2 fused]
+             %slice = aten.slice.Tensor(%host_linear, 1, 0, 64)  %slice_1 = aten.slice.Tensor(..., 64, 128)
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from hetero.compiler import meta
 from hetero.compiler.ops import transfer
 from hetero.compiler.pipeline import PassContext, PassResult
 from hetero.ops import ACTIVATIONS
-from hetero.passes.analyze_cost import is_zero_copy
+from hetero.passes.analyze_cost import is_zero_copy, param_sources
 
 _DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
@@ -35,15 +41,16 @@ class HostKernel:
     backend: str  # "onednn"
     dtype: str  # "fp32" | "bf16" | "int8": what the kernel computes in
     params: tuple[str, ...]  # top-level placeholders of the weights, in the recipe's input order
-    recipe: fx.GraphModule  # (*params) -> (gate list, up list, down list)
-    experts: int
+    recipe: fx.GraphModule  # (*params) -> the kernel's weights: (gate, up, down) lists, or (weights, biases)
+    experts: int  # experts of a MoE kernel, linears fused into a linear kernel
 
     def __str__(self) -> str:
-        return f"{self.backend} {self.kind} {self.dtype}, {self.experts} experts"
+        unit = "experts" if self.kind == "moe" else "fused"
+        return f"{self.backend} {self.kind} {self.dtype}, {self.experts} {unit}"
 
 
 def lower_host(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    lowered = 0
+    lowered = linears = 0
     unlowered: dict[meta.Region, str] = {}
     for call in [n for n in gm.graph.nodes if n.op == "call_module" and meta.partition(n)]:
         if meta.partition(call).role != "host":
@@ -56,6 +63,7 @@ def lower_host(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 continue
             _swap(sub, node, kernel)
             lowered += 1
+        linears += _lower_linears(sub, call, ctx)
         for node in sub.graph.nodes:
             reason = node.meta.get(meta.UNLOWERED)
             if reason and meta.region(node) is not None:
@@ -71,59 +79,79 @@ def lower_host(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         )
     gm.graph.eliminate_dead_code()
     gm.recompile()
-    return PassResult(
-        gm, changed=bool(lowered), stats={"lowered.moe": lowered, "unlowered.moe": len(unlowered)}
-    )
+    stats = {"lowered.moe": lowered, "unlowered.moe": len(unlowered), "lowered.linear_groups": linears}
+    return PassResult(gm, changed=bool(lowered or linears), stats=stats)
+
+
+class _Recipe:
+    """Builds the graph that computes a kernel's weights from the model's parameters (views only)."""
+
+    def __init__(self, sub: fx.GraphModule, call: fx.Node) -> None:
+        self.call = call
+        self.inputs = [p for p in sub.graph.nodes if p.op == "placeholder"]
+        self.graph = fx.Graph()
+        self.env: dict[fx.Node, fx.Node] = {}
+        self.names: list[str] = []
+
+    def take(self, value: fx.Node | None) -> fx.Node | str | None:
+        """The recipe's copy of a weight value, or why it is not a view of parameters."""
+        if value is None or value in self.env:
+            return None if value is None else self.env[value]
+        if value.op == "placeholder":
+            source = self.call.args[self.inputs.index(value)]
+            if isinstance(source, fx.Node) and source.target is transfer:
+                source = source.args[0]
+            if not (isinstance(source, fx.Node) and source.op == "placeholder" and meta.param(source)):
+                return "its weights are computed at run time, not read from parameters"
+            self.names.append(source.name)
+            # Positional names keep the recipe's code the same in every graph of the model (a memo key).
+            self.env[value] = self.graph.placeholder(f"w{len(self.names) - 1}")
+        elif value.op == "call_function" and is_zero_copy(value):
+            for a in value.all_input_nodes:
+                problem = self.take(a)
+                if isinstance(problem, str):
+                    return problem
+            self.env[value] = self.graph.node_copy(value, self.env.__getitem__)
+        else:
+            return f"its weights come from {value.target}, not from views of parameters"
+        return self.env[value]
+
+    def take_all(self, values: list[fx.Node | None]) -> list[fx.Node | None] | str:
+        items = [self.take(v) for v in values]
+        problems = [i for i in items if isinstance(i, str)]
+        return problems[0] if problems else items
+
+    def finish(self, outputs: tuple[object, ...]) -> tuple[tuple[str, ...], fx.GraphModule]:
+        self.graph.output(outputs)
+        return tuple(self.names), fx.GraphModule(torch.nn.Module(), self.graph)
+
+
+def _host_dtype(ctx: PassContext, x: fx.Node, allow_int8: bool) -> str | None:
+    dtype = ctx.config.host_dtype
+    if dtype == "int8" and not allow_int8:
+        dtype = "auto"
+    if dtype == "auto":
+        return _DTYPES.get(meta.val(x).dtype)
+    return dtype
 
 
 def _plan(node: fx.Node, sub: fx.GraphModule, call: fx.Node, ctx: PassContext) -> HostKernel | str:
     hidden, _ids, _weights, gate, up, down, activation = node.args
     if activation not in ACTIVATIONS:
         return f"activation {activation!r} has no host kernel"
-    dtype = ctx.config.host_dtype
-    if dtype == "auto":
-        x_dtype = meta.val(hidden).dtype
-        if x_dtype not in _DTYPES:
-            return f"hidden states are {x_dtype}; host kernels compute in fp32, bf16 or int8 (set host_dtype)"
-        dtype = _DTYPES[x_dtype]
-    inputs = [p for p in sub.graph.nodes if p.op == "placeholder"]
-    recipe = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    names: list[str] = []
-
-    def copy(value: fx.Node) -> fx.Node | str:
-        if value in env:
-            return env[value]
-        if value.op == "placeholder":
-            source = call.args[inputs.index(value)]
-            if isinstance(source, fx.Node) and source.target is transfer:
-                source = source.args[0]
-            if not (isinstance(source, fx.Node) and source.op == "placeholder" and meta.param(source)):
-                return "its weights are computed at run time, not read from parameters"
-            names.append(source.name)
-            # Positional names keep the recipe's code the same in every graph of the model (a memo key).
-            env[value] = recipe.placeholder(f"w{len(names) - 1}")
-        elif value.op == "call_function" and is_zero_copy(value):
-            for a in value.all_input_nodes:
-                problem = copy(a)
-                if isinstance(problem, str):
-                    return problem
-            env[value] = recipe.node_copy(value, env.__getitem__)
-        else:
-            return f"its weights come from {value.target}, not from views of parameters"
-        return env[value]
-
+    dtype = _host_dtype(ctx, hidden, allow_int8=True)
+    if dtype is None:
+        return f"hidden states are {meta.val(hidden).dtype}; host kernels compute in fp32, bf16 or int8"
+    recipe = _Recipe(sub, call)
     lists = []
     for weights in (gate, up, down):
-        items = [copy(w) for w in weights]
-        if any(isinstance(i, str) for i in items):
-            return next(i for i in items if isinstance(i, str))
+        items = recipe.take_all(list(weights))
+        if isinstance(items, str):
+            return items
         lists.append(items)
-    recipe.output(tuple(lists))
+    names, graph = recipe.finish(tuple(lists))
     experts = len(gate) if len(gate) > 1 else meta.size_hint(meta.val(gate[0]).shape[0])
-    return HostKernel(
-        "moe", "onednn", dtype, tuple(names), fx.GraphModule(torch.nn.Module(), recipe), experts
-    )
+    return HostKernel("moe", "onednn", dtype, names, graph, experts)
 
 
 def _swap(sub: fx.GraphModule, node: fx.Node, kernel: HostKernel) -> None:
@@ -139,6 +167,118 @@ def _swap(sub: fx.GraphModule, node: fx.Node, kernel: HostKernel) -> None:
     sub.graph.erase_node(node)
     sub.graph.eliminate_dead_code()
     sub.recompile()
+
+
+_aten = torch.ops.aten
+
+
+def _linear_parts(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None] | None:
+    """(x, weight as [N, K] view chain start, bias) of `mm(x, t(W))` / `addmm(b, x, t(W))`, else None."""
+    if node.target is _aten.mm.default and not node.kwargs:
+        x, wt = node.args
+        bias = None
+    elif node.target is _aten.addmm.default and not node.kwargs and len(node.args) == 3:
+        bias, x, wt = node.args
+    else:
+        return None
+    if not (isinstance(wt, fx.Node) and wt.target in (_aten.t.default, _aten.permute.default)):
+        return None
+    if wt.target is _aten.permute.default and list(wt.args[1]) != [1, 0]:
+        return None
+    weight = wt.args[0]
+    if not _reads_parameter(wt) or (bias is not None and not _reads_parameter(bias)):
+        return None  # only linears on parameters: their weights can be prepacked once
+    if meta.val(x).dim() != 2 or meta.val(weight).dim() != 2:
+        return None
+    return x, weight, bias
+
+
+def _reads_parameter(value: object) -> bool:
+    if not isinstance(value, fx.Node):
+        return False
+    return (value.op == "placeholder" and meta.param(value) is not None) or bool(param_sources(value))
+
+
+def _lower_linears(sub: fx.GraphModule, call: fx.Node, ctx: PassContext) -> int:
+    """Linears on parameters -> host_linear, one per group reading the same input. Returns groups lowered."""
+    groups: dict[tuple[object, ...], list[tuple[fx.Node, fx.Node, fx.Node, fx.Node | None]]] = {}
+    for node in sub.graph.nodes:
+        parts = _linear_parts(node)
+        if parts is None or _host_dtype(ctx, parts[0], allow_int8=False) is None:
+            continue
+        x = parts[0]
+        groups.setdefault(_same_value_key(x), []).append((node, *parts))
+    for members in groups.values():
+        recipe = _Recipe(sub, call)
+        weights = recipe.take_all([w for _, _, w, _ in members])
+        biases = recipe.take_all([b for _, _, _, b in members])
+        if isinstance(weights, str) or isinstance(biases, str):
+            continue
+        names, graph = recipe.finish((weights, biases))
+        x = members[0][1]
+        widths = [meta.size_hint(meta.val(n).shape[1]) for n, *_ in members]
+        kernel = HostKernel(
+            "linear", "onednn", _host_dtype(ctx, x, allow_int8=False), names, graph, len(members)
+        )
+        first = members[0][0]
+        with sub.graph.inserting_before(first):
+            fused = sub.graph.create_node(
+                "call_function",
+                torch.ops.hetero.host_linear.default,
+                (x, sum(widths), -1),
+                name="host_linear",
+            )
+        fused.meta.update({k: v for k, v in first.meta.items() if k not in (meta.COST, "val")})
+        fused.meta["val"] = meta.val(x).new_empty(meta.val(x).shape[0], sum(widths))
+        fused.meta[meta.LOWERING] = kernel
+        fused.meta[meta.ORIGIN] = f"lower_host: {len(members)} linears on %{x.name} -> {kernel}"
+        costs = [meta.cost(n) for n, *_ in members if meta.cost(n) is not None]
+        fused.meta[meta.COST] = meta.NodeCost(
+            sum(c.flops for c in costs),
+            sum(c.bytes for c in costs),
+            sum(c.param_bytes for c in costs),
+            tuple(p for c in costs for p in c.params),
+        )
+        start = 0
+        for (node, *_), width in zip(members, widths, strict=True):
+            # Each linear's output is a column range of the fused result; a contiguous copy of it keeps the
+            # strides every later op (and other partitions) were traced with.
+            with sub.graph.inserting_after(fused) if node is first else sub.graph.inserting_before(node):
+                columns = sub.graph.create_node(
+                    "call_function",
+                    _aten.slice.Tensor,
+                    (fused, 1, start, start + width),
+                    name=f"{node.name}_cols",
+                )
+            with sub.graph.inserting_after(columns):
+                piece = sub.graph.create_node(
+                    "call_function",
+                    _aten.clone.default,
+                    (columns,),
+                    {"memory_format": torch.contiguous_format},
+                    name=f"{node.name}_out",
+                )
+            for new in (columns, piece):
+                new.meta.update({k: v for k, v in node.meta.items() if k != meta.COST})
+                new.meta[meta.COST] = meta.NodeCost(0, 0, 0)
+            columns.meta["val"] = meta.val(fused)[:, start : start + width]
+            node.replace_all_uses_with(piece)
+            sub.graph.erase_node(node)
+            start += width
+    if groups:
+        sub.graph.eliminate_dead_code()
+        sub.recompile()
+    return len(groups)
+
+
+def _same_value_key(x: fx.Node) -> tuple[object, ...]:
+    """Linears whose inputs are the same value (possibly through separate but identical views) group:
+    the key is the value under the views, and the viewed shape."""
+    shape = tuple(meta.val(x).shape)
+    root = x
+    while root.op == "call_function" and root.target in (_aten.view.default, _aten._unsafe_view.default):
+        root = root.args[0]
+    return (root, shape)
 
 
 def _drop_unused_inputs(gm: fx.GraphModule, call: fx.Node, sub: fx.GraphModule) -> None:

@@ -87,11 +87,17 @@ class Executor:
             given = {i: env[i] for i in self._prefetch_inputs}
             pending = _host_pool().submit(self._run_prefetch, given)
             waits_on = set(self._prefetch_outputs)
-        for step in self._steps:
-            if pending is not None and waits_on.intersection(step.inputs):
-                _merge(env, pending)
-                pending = None
-            _run(step, env)
+        try:
+            for step in self._steps:
+                if pending is not None and waits_on.intersection(step.inputs):
+                    _merge(env, pending)
+                    pending = None
+                _run(step, env)
+        except BaseException as failure:
+            # The prefetch came first in the schedule: if it failed too, its error is the one to report.
+            if pending is not None and pending.exception() is not None:
+                raise pending.exception() from failure
+            raise
         if pending is not None:
             _merge(env, pending)
         return [env[i] for i in self.schedule.outputs]

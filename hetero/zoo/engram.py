@@ -147,13 +147,24 @@ class ShortConv(nn.Module):
 
 
 class Engram(nn.Module):
-    """One Engram block: hidden [B, L, hc, D] -> hidden + engram output."""
+    """One Engram block: hidden [B, L, hc, D] -> hidden + engram output.
 
-    def __init__(self, config: EngramConfig, layer_id: int, primes: list[int]) -> None:
+    `table`: the memory table to use as is (e.g. `mmap_table(...)`, never copied); else a random one.
+    """
+
+    def __init__(
+        self, config: EngramConfig, layer_id: int, primes: list[int], table: torch.Tensor | None = None
+    ) -> None:
         super().__init__()
         self.config = config
         self.hash = NgramHash(config, layer_id, primes)
-        self.table = nn.Embedding(sum(primes), config.head_dim)
+        rows = sum(primes)
+        if table is not None:
+            if tuple(table.shape) != (rows, config.head_dim):
+                raise ValueError(f"Engram table must be [{rows}, {config.head_dim}], got {list(table.shape)}")
+            self.table = nn.Embedding.from_pretrained(table, freeze=True)
+        else:
+            self.table = nn.Embedding(rows, config.head_dim)
         self.value_proj = nn.Linear(config.memory_dim, config.hidden_size)
         self.key_projs = nn.ModuleList(
             nn.Linear(config.memory_dim, config.hidden_size) for _ in range(config.hc_mult)
@@ -183,3 +194,30 @@ def initial_context(config: EngramConfig, batch: int, device: torch.device | str
 def next_context(previous: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """The context the next step needs: the last max_ngram - 1 tokens seen."""
     return torch.cat([previous, ids], dim=1)[:, -previous.shape[1] :]
+
+
+def mmap_table(path: str, rows: int, dim: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """A [rows, dim] table backed by a file, mapped and never read whole: only the rows a lookup touches
+    come into memory. `path`: a raw little-endian file of rows * dim values, or a `.npy` file."""
+    import mmap
+    import os
+
+    if path.endswith(".npy"):
+        import numpy as np
+
+        array = np.load(path, mmap_mode="c")  # copy-on-write mapping: writable, the file never changes
+        if hasattr(array, "_mmap") and array._mmap is not None:
+            array._mmap.madvise(mmap.MADV_RANDOM)  # see below
+        table = torch.from_numpy(array)
+        if tuple(table.shape) != (rows, dim):
+            raise ValueError(f"{path}: shape {tuple(table.shape)}, expected ({rows}, {dim})")
+        return table if table.dtype == dtype else table.to(dtype)
+    need = rows * dim * torch.empty(0, dtype=dtype).element_size()
+    size = os.path.getsize(path)
+    if size != need:
+        raise ValueError(f"{path}: {size} bytes, expected {need} for a [{rows}, {dim}] {dtype} table")
+    with open(path, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: the file never changes
+    # Lookups are random: without this the kernel maps ~64 KiB around every 128-byte row it faults in.
+    mapping.madvise(mmap.MADV_RANDOM)
+    return torch.frombuffer(mapping, dtype=dtype).view(rows, dim)

@@ -16,11 +16,11 @@ import torch
 from torch import fx
 
 from hetero.backends.onednn.isa import probe
-from hetero.backends.onednn.moe import PackedMoe, register
+from hetero.backends.onednn.moe import PackedLinear, PackedMoe, register
 from hetero.compiler import meta
 from hetero.compiler.weights import ParamValues
 
-__all__ = ["Binding", "PackedMoe", "bind", "probe"]
+__all__ = ["Binding", "PackedLinear", "PackedMoe", "bind", "probe"]
 
 
 @dataclass
@@ -33,26 +33,31 @@ class Binding:
 def bind(sub: fx.GraphModule, values: ParamValues) -> Binding:
     binding = Binding()
     for node in sub.graph.nodes:
-        if node.target is not torch.ops.hetero.host_moe.default:
+        if node.target not in (torch.ops.hetero.host_moe.default, torch.ops.hetero.host_linear.default):
             continue
         kernel = node.meta[meta.LOWERING]
 
-        def build(kernel: object = kernel) -> PackedMoe:
-            gate, up, down = kernel.recipe(*[values.get(n) for n in kernel.params])
-            return PackedMoe(gate, up, down, kernel.dtype)
+        def build(kernel: object = kernel) -> PackedMoe | PackedLinear:
+            weights = kernel.recipe(*[values.get(n) for n in kernel.params])
+            return (
+                PackedMoe(*weights, kernel.dtype)
+                if kernel.kind == "moe"
+                else PackedLinear(*weights, kernel.dtype)
+            )
 
-        key = ("onednn_moe", kernel.dtype, str(kernel.recipe.code))
+        key = ("onednn", kernel.kind, kernel.dtype, str(kernel.recipe.code))
         packed = values.memo(key, kernel.params, build)
-        node.update_arg(3, register(packed))
+        node.update_arg(len(node.args) - 1, register(packed))
         binding.packed.append(packed)
         binding.weights.extend(kernel.params)
+        count = {"experts": packed.experts} if kernel.kind == "moe" else {"linears": kernel.experts}
         binding.kernels.append(
             {
                 "region": str(meta.region(node)),
                 "kind": kernel.kind,
                 "backend": kernel.backend,
                 "dtype": kernel.dtype,
-                "experts": packed.experts,
+                **count,
                 "packed_bytes": packed.nbytes,
             }
         )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import weakref
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -127,11 +128,11 @@ def _quantize_u8(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
 
 
 # Handles: compiled graphs name their prepacked experts by a number baked into the graph.
-_LIVE: weakref.WeakValueDictionary[int, PackedMoe] = weakref.WeakValueDictionary()
+_LIVE: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 _NEXT = itertools.count()
 
 
-def register(packed: PackedMoe) -> int:
+def register(packed: Any) -> int:
     handle = next(_NEXT)
     _LIVE[handle] = packed
     return handle
@@ -150,3 +151,39 @@ def _host_moe(
             else "hetero.host_moe: the lowering was never bound to prepacked weights (handle -1)"
         )
     return packed(hidden, topk_ids, topk_weights)
+
+
+class PackedLinear:
+    """Linears sharing an input, prepacked as one [sum N, K] oneDNN weight (and one bias)."""
+
+    def __init__(
+        self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None], dtype: str
+    ) -> None:
+        compute = _COMPUTE[dtype]
+        with torch.no_grad():
+            weight = torch.cat([w.to("cpu", compute) for w in weights])
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _ROWS_HINT)
+            if all(b is None for b in biases):
+                self.bias = None
+            else:
+                self.bias = torch.cat(
+                    [
+                        (b if b is not None else torch.zeros(w.shape[0])).to("cpu", compute)
+                        for w, b in zip(weights, biases, strict=True)
+                    ]
+                )
+        self.dtype = dtype
+        self.compute = compute
+        self.nbytes = weight.numel() * weight.element_size()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.mkldnn._linear_pointwise(x.to(self.compute), self.packed, self.bias, "none", [], "")
+        return y.to(x.dtype)
+
+
+@torch.library.impl("hetero::host_linear", "CPU")
+def _host_linear(x: torch.Tensor, out_features: int, handle: int) -> torch.Tensor:
+    packed = _LIVE.get(handle)
+    if packed is None:
+        raise RuntimeError(f"hetero.host_linear: no prepacked weights for handle {handle}")
+    return packed(x)
