@@ -82,7 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_options_flag(explain)
     bench = _command(sub, "bench", "benchmarks: ratios measured side by side in one run")
     bench.add_argument(
-        "name", choices=["moe"], help="moe: one MoE layer on the host (hetero vs eager/Inductor)"
+        "name",
+        choices=["moe", "engram"],
+        help="moe: one MoE layer on the host; engram: the Engram block and the prefetch overlap",
     )
     bench.add_argument("--json", action="store_true", help="print the numbers as JSON")
     return parser
@@ -99,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "explain":
             return _explain(parser, args)
         if args.command == "bench":
-            from hetero.bench import moe
+            import importlib
 
-            return moe.main(as_json=args.json)
+            return importlib.import_module(f"hetero.bench.{args.name}").main(as_json=args.json)
     except HeteroError as e:
         print(f"hetero: error: {e}", file=sys.stderr)
         return 1

@@ -236,3 +236,16 @@ def test_a_memory_mapped_table_of_several_gib_stays_out_of_memory(tmp_path: pyte
     grown = _rss_mib() - before
     assert rel_error(got, want) <= 2e-2
     assert grown < 400, f"resident memory grew by {grown} MiB for a {table_gib:.1f} GiB table"
+
+
+def test_each_engram_layer_has_its_own_prefetched_lookup() -> None:
+    built = zoo.build("deepseek-v3-engram-tiny")  # Engram blocks before layers 1 and 2
+    compiled = torch.compile(built.model, backend="hetero", options={"partition_compiler": "eager"})
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled(*built.example_inputs)
+        with trace.record() as spans:
+            compiled(*built.example_inputs)
+    lookups = [s for s in spans if s.prefetch and s.kind == "partition"]
+    assert len(lookups) == 2  # one task per layer: the first layer need not wait for the second's lookup
+    assert all(s.thread.startswith("hetero-host") for s in lookups)

@@ -6,6 +6,7 @@ import re
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -19,6 +20,27 @@ def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
+
+
+def round_robin(
+    variants: dict[str, Callable[[Any], object]],
+    inputs: dict[Any, Any],
+    repeats: int,
+    between: Callable[[], None] | None = None,
+) -> dict[tuple[str, Any], float]:
+    """Median ms of every variant on every input, timed round-robin: each round calls each variant once
+    on each input (after `between`, e.g. a machine measurement), so a machine whose speed drifts slows
+    all of them alike. Variants must be warm (compiled) before."""
+    samples: dict[tuple[str, Any], list[float]] = {(n, k): [] for n in variants for k in inputs}
+    for _ in range(repeats):
+        if between is not None:
+            between()
+        for name, fn in variants.items():
+            for key, value in inputs.items():
+                start = time.perf_counter()
+                fn(value)
+                samples[(name, key)].append((time.perf_counter() - start) * 1e3)
+    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:

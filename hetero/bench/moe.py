@@ -165,14 +165,13 @@ def run(
         variants["hetero bf16"] = hetero_bf16
         expert_bytes = sum(p.numel() * p.element_size() for p in layer.experts.parameters())
         progress(f"timing {len(variants)} variants x {len(tokens)} sizes, {repeats} rounds...")
-        samples: dict[tuple[str, int], list[float]] = {(n, t): [] for n in variants for t in tokens}
         bandwidth, peak_flops = [], []
-        for _ in range(repeats):
+
+        def measure_machine() -> None:
             bandwidth.append(machine.read_bandwidth(gib=0.5, repeats=1))
             peak_flops.append(machine.bf16_gemm_peak(repeats=1))
-            for name, fn in variants.items():
-                for t in tokens:
-                    samples[(name, t)].append(machine.median_ms(lambda: fn(inputs[t]), 1, warmup=0))  # noqa: B023
+
+        medians = machine.round_robin(variants, inputs, repeats, between=measure_machine)
     result = Result(
         dict(sizes),
         machine.describe(),
@@ -194,7 +193,7 @@ def run(
         errors = {
             name: rel_error(outputs[name][t], outputs["eager"][t]) for name in outputs if name != "eager"
         }
-        ms = {name: statistics.median(samples[(name, t)]) for name in variants}
+        ms = {name: medians[(name, t)] for name in variants}
         result.rows.append(Row(t, ms, floor_ms, bound, touched, errors))
     result.seconds = time.perf_counter() - start
     return result

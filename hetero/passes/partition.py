@@ -72,8 +72,9 @@ def partition_groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
         preds = [p for p in n.all_input_nodes if p in position]
         level[n] = max((level[p] + (meta.role(p) != meta.role(n)) for p in preds), default=0)
     _sink_input_only_nodes(compute, position, level)
-    # Engram lookups get groups of their own: a prefetch task must not wait on, or hold up, other work.
-    key_of = {n: (meta.role(n), level[n], is_lookup_region(meta.region(n))) for n in compute}
+    # Engram lookups get groups of their own, one per block: a prefetch task must not wait on, or hold up,
+    # other work, and each layer's memory can arrive as soon as its own lookup is done.
+    key_of = {n: (meta.role(n), level[n], _lookup_of(n)) for n in compute}
     quotient = nx.DiGraph()
     quotient.add_nodes_from(set(key_of.values()))
     for n in compute:
@@ -138,6 +139,12 @@ def _merge_same_role(quotient: nx.DiGraph, members: dict[Any, list[fx.Node]]) ->
                     break
             else:
                 kept.append(b)
+
+
+def _lookup_of(node: fx.Node) -> str:
+    """The Engram block whose lookup the node belongs to ('' for any other node)."""
+    region = meta.region(node)
+    return region.module if is_lookup_region(region) else ""
 
 
 def _lookups_before(g: nx.DiGraph, key: Any) -> set[Any]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,9 +57,6 @@ class Executor:
         self._steps = [s for s in steps if not s.task.prefetch]
         produced = {o for s in self._prefetch for o in s.outputs}
         self._prefetch_inputs = sorted({i for s in self._prefetch for i in s.inputs} - produced)
-        # Prefetched slots the rest of the call reads (or returns): where it must wait for the worker.
-        later = {i for s in self._steps for i in s.inputs} | set(schedule.outputs)
-        self._prefetch_outputs = sorted(produced & later)
 
     @staticmethod
     def _step(task: Task, kernels: Mapping[str, Kernel]) -> _Step:
@@ -82,31 +79,23 @@ class Executor:
             env[slot] = value
         for slot, value in self._consts.items():
             env[slot] = value
-        pending: Future[dict[int, Any]] | None = None
+        pending: _Prefetch | None = None
         if self._prefetch:
-            given = {i: env[i] for i in self._prefetch_inputs}
-            pending = _host_pool().submit(self._run_prefetch, given)
-            waits_on = set(self._prefetch_outputs)
+            pending = _Prefetch(self._prefetch, {i: env[i] for i in self._prefetch_inputs})
+            _host_pool().submit(pending.run)
         try:
             for step in self._steps:
-                if pending is not None and waits_on.intersection(step.inputs):
-                    _merge(env, pending)
-                    pending = None
+                if pending is not None:
+                    pending.fill(env, step.inputs)
                 _run(step, env)
+            if pending is not None:
+                pending.fill(env, self.schedule.outputs)
         except BaseException as failure:
             # The prefetch came first in the schedule: if it failed too, its error is the one to report.
-            if pending is not None and pending.exception() is not None:
-                raise pending.exception() from failure
+            if pending is not None and pending.error() is not None:
+                raise pending.error() from failure
             raise
-        if pending is not None:
-            _merge(env, pending)
         return [env[i] for i in self.schedule.outputs]
-
-    def _run_prefetch(self, given: dict[int, Any]) -> dict[int, Any]:
-        local: dict[int, Any] = dict(given)
-        for step in self._prefetch:
-            _run(step, local)
-        return {slot: local[slot] for slot in self._prefetch_outputs}
 
 
 def _run(step: _Step, env: list[Any] | dict[int, Any]) -> None:
@@ -121,9 +110,44 @@ def _run(step: _Step, env: list[Any] | dict[int, Any]) -> None:
         trace.add(t.name, t.kind, t.role, t.prefetch, start, trace.now())
 
 
-def _merge(env: list[Any], pending: Future[dict[int, Any]]) -> None:
-    for slot, value in pending.result().items():  # re-raises a failure of the prefetch here
-        env[slot] = value
+class _Prefetch:
+    """One call's prefetch tasks, run in order on a host worker thread. Each task's outputs are
+    published as soon as it finishes, so a layer waits for its own lookup, not for all of them."""
+
+    def __init__(self, steps: list[_Step], given: dict[int, Any]) -> None:
+        self.steps = steps
+        self.env: dict[int, Any] = dict(given)
+        self.ready = {slot: threading.Event() for s in steps for slot in s.outputs}
+        self.failure: BaseException | None = None
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        try:
+            for step in self.steps:
+                _run(step, self.env)
+                for slot in step.outputs:
+                    self.ready[slot].set()
+        except BaseException as e:  # handed to the calling thread, which raises it
+            self.failure = e
+        finally:
+            for event in self.ready.values():
+                event.set()
+            self.done.set()
+
+    def fill(self, env: list[Any], slots: Sequence[int]) -> None:
+        """Copy prefetched values the caller is about to read into its slots, waiting for each."""
+        for slot in slots:
+            event = self.ready.get(slot)
+            if event is None or env[slot] is not None:
+                continue
+            event.wait()
+            if self.failure is not None:
+                raise self.failure
+            env[slot] = self.env[slot]
+
+    def error(self) -> BaseException | None:
+        self.done.wait()
+        return self.failure
 
 
 _POOL: ThreadPoolExecutor | None = None

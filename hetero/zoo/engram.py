@@ -15,6 +15,7 @@ Shapes: hidden [B, L, hc, D], token ids [B, L], the previous max_ngram - 1 token
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -88,9 +89,9 @@ def layer_multipliers(config: EngramConfig, layer_id: int) -> list[int]:
     and their XOR stay below 2**63 for every id in the vocabulary."""
     bound = max(1, (_INT64_MAX // config.vocab_size) // 2)
     g = torch.Generator().manual_seed(config.seed + _LAYER_SEED_STRIDE * layer_id)
-    return [
-        int(r) * 2 + 1 for r in torch.randint(0, bound, (config.max_ngram,), generator=g, dtype=torch.int64)
-    ]
+    # device="cpu": these are constants, whatever device a model is being built on.
+    draws = torch.randint(0, bound, (config.max_ngram,), generator=g, dtype=torch.int64, device="cpu")
+    return [int(r) * 2 + 1 for r in draws.tolist()]
 
 
 class NgramHash(nn.Module):
@@ -103,7 +104,7 @@ class NgramHash(nn.Module):
             "multipliers", torch.tensor(layer_multipliers(config, layer_id)), persistent=False
         )
         self.register_buffer("primes", torch.tensor(primes, dtype=torch.int64), persistent=False)
-        offsets = [0, *torch.tensor(primes).cumsum(0)[:-1].tolist()]
+        offsets = [0, *itertools.accumulate(primes[:-1])]
         self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.int64), persistent=False)
 
     def forward(self, ids: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
