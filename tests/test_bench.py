@@ -27,3 +27,28 @@ def test_bench_moe_reports_every_variant_the_floor_and_memory() -> None:
     assert data["memory"]["expert_weight_bytes"] == 3 * 64 * 32 * 8 * 2
     text = moe.table(result)
     assert "hetero bf16 / floor" in text and "| 4 |" in text
+
+
+def test_bench_engram_reports_every_variant_and_the_overlap() -> None:
+    from hetero.bench import engram
+    from hetero.zoo.engram import EngramConfig
+
+    toy = EngramConfig(
+        hidden_size=64,
+        hc_mult=2,
+        vocab_size=512,
+        heads_per_ngram=2,
+        dim_per_ngram=16,
+        rows_per_ngram=(1009, 1201),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = engram.run(repeats=2, config=toy, progress=lambda msg: None)
+    data = json.loads(json.dumps(result.to_dict()))
+    assert [row["dtype"] for row in data["rows"]] == ["bf16", "fp32"]
+    for row in data["rows"]:
+        assert set(row["ms"]) == {"eager", "inductor", "hetero block", "hash+gather"}
+        assert all(ms > 0 for ms in row["ms"].values())
+        assert row["errors"]["hetero block"] <= (2e-2 if row["dtype"] == "bf16" else 1e-5)
+    assert 0.0 <= data["overlap"]["min"] <= data["overlap"]["median"] <= 1.0
+    assert "Inductor / hetero" in engram.table(result)

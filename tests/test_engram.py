@@ -236,6 +236,7 @@ def test_a_memory_mapped_table_of_several_gib_stays_out_of_memory(tmp_path: pyte
     grown = _rss_mib() - before
     assert rel_error(got, want) <= 2e-2
     assert grown < 400, f"resident memory grew by {grown} MiB for a {table_gib:.1f} GiB table"
+    print(f"mapped table {table_gib:.1f} GiB, resident memory grew {grown} MiB")
 
 
 def test_each_engram_layer_has_its_own_prefetched_lookup() -> None:
