@@ -12,7 +12,6 @@ that ran while other work ran (from the executor's task spans).
 from __future__ import annotations
 
 import gc
-import json
 import statistics
 import time
 import warnings
@@ -175,8 +174,6 @@ def table(result: Result) -> str:
 
 
 def main(as_json: bool = False) -> int:
-    import sys
+    from hetero.bench import report
 
-    result = run(progress=lambda msg: print(msg, file=sys.stderr, flush=True))
-    print(json.dumps(result.to_dict(), indent=2) if as_json else table(result))
-    return 0
+    return report(run, table, as_json)

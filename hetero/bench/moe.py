@@ -16,7 +16,6 @@ compile, which frees the model's copy of the expert weights once they are prepac
 from __future__ import annotations
 
 import gc
-import json
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -239,8 +238,6 @@ def table(result: Result) -> str:
 
 
 def main(as_json: bool = False) -> int:
-    import sys
+    from hetero.bench import report
 
-    result = run(progress=lambda msg: print(msg, file=sys.stderr, flush=True))
-    print(json.dumps(result.to_dict(), indent=2) if as_json else table(result))
-    return 0
+    return report(run, table, as_json)
