@@ -208,6 +208,7 @@ def _lower_linears(sub: fx.GraphModule, call: fx.Node, ctx: PassContext) -> int:
             continue
         x = parts[0]
         groups.setdefault(_same_value_key(x), []).append((node, *parts))
+    lowered = 0
     for members in groups.values():
         recipe = _Recipe(sub, call)
         weights = recipe.take_all([w for _, _, w, _ in members])
@@ -265,10 +266,11 @@ def _lower_linears(sub: fx.GraphModule, call: fx.Node, ctx: PassContext) -> int:
             node.replace_all_uses_with(piece)
             sub.graph.erase_node(node)
             start += width
-    if groups:
+        lowered += 1
+    if lowered:
         sub.graph.eliminate_dead_code()
         sub.recompile()
-    return len(groups)
+    return lowered
 
 
 def _same_value_key(x: fx.Node) -> tuple[object, ...]:
