@@ -89,8 +89,10 @@ def test_impossible_budget_is_reported_and_strict_refuses_it(deepseek: zoo.ZooMo
     with pytest.warns(UserWarning, match="still exceed accel_memory_budget"):
         report = hetero.explain(deepseek.model, *deepseek.example_inputs, **options)
     assert not report.budget["fits"]
+    # fuse_accel moves the latent norms' weights into the mla_preprocess regions.
+    attention = _regions(report, "attention") + _regions(report, "mla_preprocess")
     assert report.budget["accel_param_bytes"] == sum(
-        r["param_bytes"] for r in _regions(report, "attention") if r["module"].endswith("self_attn")
+        r["param_bytes"] for r in attention if r["module"].endswith("self_attn")
     )
     assert any("accel_memory_budget" in f["reason"] for f in report.fallbacks)
     with pytest.raises(PlacementError, match="accel_memory_budget"):

@@ -91,6 +91,7 @@ def compile_inference(
 
     with unset_fake_temporarily(), torch.no_grad():  # real weights: AOTAutograd's fake mode is active here
         host = _bind_host_kernels(gm, values)
+    _register_accel_kernels(gm)
     kernels, compilers = _compile_partitions(gm, config, diagnostics)
     position = {slot: i for i, slot in enumerate(schedule.inputs)}
     executor = Executor(
@@ -133,6 +134,17 @@ def _bind_host_kernels(gm: fx.GraphModule, values: ParamValues) -> Any:
             total.weights += binding.weights
             total.kernels += binding.kernels
     return total
+
+
+def _register_accel_kernels(gm: fx.GraphModule) -> None:
+    """Give fuse_accel's ops their Triton kernels (CUDA, and the CPU under TRITON_INTERPRET=1)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and meta.partition(node) is not None:
+            if any(meta.LOWERING in n.meta for n in getattr(gm, node.target).graph.nodes):
+                from hetero.backends import triton
+
+                triton.register()
+                return
 
 
 def _release_weights(gm: fx.GraphModule, values: ParamValues, names: Sequence[str], params: Any) -> int:

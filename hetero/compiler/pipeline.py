@@ -26,12 +26,12 @@ from hetero.compiler.weights import ParamValues
 if TYPE_CHECKING:
     from hetero.compiler.dump import DumpFolder
 
-# A later issue adds "fuse_accel" (Triton fusions) between "partition" and "lower_host".
 DEFAULT_PIPELINE: tuple[str, ...] = (
     "canonicalize",
     "analyze_cost",
     "place",
     "partition",
+    "fuse_accel",
     "lower_host",
     "schedule",
 )

@@ -30,6 +30,18 @@ class Binding:
     kernels: list[dict[str, object]] = field(default_factory=list)  # for the report
 
 
+def _structure(recipe: fx.GraphModule) -> str:
+    """A recipe's ops and arguments with nodes by position: equal for equal recipes of different graphs
+    (node names depend on everything else in the graph)."""
+    index: dict[fx.Node, int] = {}
+    lines = []
+    for i, node in enumerate(recipe.graph.nodes):
+        index[node] = i
+        args = fx.map_arg((node.args, node.kwargs), lambda n: f"%{index[n]}")
+        lines.append(f"{node.op} {node.target} {args}")
+    return "\n".join(lines)
+
+
 def bind(sub: fx.GraphModule, values: ParamValues) -> Binding:
     binding = Binding()
     for node in sub.graph.nodes:
@@ -45,7 +57,7 @@ def bind(sub: fx.GraphModule, values: ParamValues) -> Binding:
                 else PackedLinear(*weights, kernel.dtype)
             )
 
-        key = ("onednn", kernel.kind, kernel.dtype, str(kernel.recipe.code))
+        key = ("onednn", kernel.kind, kernel.dtype, _structure(kernel.recipe))
         packed = values.memo(key, kernel.params, build)
         node.update_arg(len(node.args) - 1, register(packed))
         binding.packed.append(packed)
