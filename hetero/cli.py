@@ -4,6 +4,7 @@
     hetero explain TARGET [--json]      what runs where, and why
     hetero explain --list               the built-in zoo models
     hetero bench moe [--json]           one MoE layer: hetero vs eager, Inductor and the floor
+    hetero bench engram|mla [--json]    the Engram block; the MLA prologue (GPU)
 
 Exit codes: 0 success, 1 failure, 2 usage error.
 """
@@ -83,8 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     bench = _command(sub, "bench", "benchmarks: ratios measured side by side in one run")
     bench.add_argument(
         "name",
-        choices=["moe", "engram"],
-        help="moe: one MoE layer on the host; engram: the Engram block and the prefetch overlap",
+        choices=["moe", "engram", "mla"],
+        help="moe: one MoE layer on the host; engram: the Engram block and the prefetch overlap; "
+        "mla: the fused MLA prologue on the GPU",
     )
     bench.add_argument("--json", action="store_true", help="print the numbers as JSON")
     return parser

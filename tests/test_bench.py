@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import warnings
 
+import pytest
+import torch
+
 from hetero.bench import moe
 
 TOY = {"hidden": 64, "inter": 32, "experts": 8, "top_k": 2, "shared": 1}
@@ -52,3 +55,23 @@ def test_bench_engram_reports_every_variant_and_the_overlap() -> None:
         assert row["errors"]["hetero block"] <= (2e-2 if row["dtype"] == "bf16" else 1e-5)
     assert 0.0 <= data["overlap"]["min"] <= data["overlap"]["median"] <= 1.0
     assert "Inductor / hetero" in engram.table(result)
+
+
+def test_bench_mla_without_a_gpu_says_so_and_succeeds(capsys: pytest.CaptureFixture[str]) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: test_bench_mla_on_the_gpu runs the benchmark")
+    from hetero.cli import main
+
+    assert main(["bench", "mla"]) == 0
+    assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_bench_mla_on_the_gpu() -> None:
+    from hetero.bench import mla
+
+    result = mla.run(repeats=2, progress=lambda _: None)
+    assert result is not None and len(result.rows) == len(mla.CASES)
+    for row in result.rows:
+        assert max(row.errors.values()) <= 2e-2, row.errors
+        assert row.launches["hetero"] < row.launches["eager"], row.launches
