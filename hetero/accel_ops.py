@@ -6,8 +6,13 @@ Inductor (it compiles the rest of the partition around it) and has three impleme
 - the same Triton kernel under the Triton interpreter on the CPU when TRITON_INTERPRET=1,
 - the ATen reference below otherwise (accel = cpu without the interpreter).
 
-Every reference computes in fp32 and rounds once where the model it replaces rounds, so the kernels
-can be checked against it tightly and the model against eager within the dtype's tolerance.
+Every reference computes in fp32 and rounds where the model it replaces rounds, so the kernels can be
+checked against it tightly and the model against eager within the dtype's tolerance. For RoPE that
+depends on the model, not on the style: transformers multiplies and adds half-precision tensors (each
+product and the sum rounded: `round_each=True`), DeepSeek's reference code upcasts to fp32 and rounds
+once at the end (`round_each=False`). Rounding once where eager rounds three times changes a bf16 result
+by an ulp now and then; in an MoE model one ulp can flip a near-tie routing decision, so the ops follow
+the model (fuse_accel finds out which it does by running its subgraph).
 
 RoPE styles (x is the rotary part, R = its width, h = R/2; c, s are the cos and sin tables):
 - "half"          rotate-half (NeoX, Llama): tables of width R;
@@ -54,19 +59,31 @@ def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def rope_reference(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seq_dim: int, style: str
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    seq_dim: int,
+    style: str,
+    round_each: bool = False,
 ) -> torch.Tensor:
-    """RoPE on the 4-D rotary part `x` in fp32, rounded once to x's dtype (see the module doc)."""
+    """RoPE on the 4-D rotary part `x` in fp32, rounded to x's dtype once, or after each product and
+    the sum with `round_each` (see the module doc)."""
     _check_rope(x, cos, sin, seq_dim, style)
     c, s = _broadcast_table(cos, seq_dim), _broadcast_table(sin, seq_dim)
     xf = x.float()
     h = x.shape[-1] // 2
+
+    def rnd(t: torch.Tensor) -> torch.Tensor:
+        return t.to(x.dtype).float() if round_each else t
+
+    def rotate(a: torch.Tensor, b: torch.Tensor, ca, sa, cb, sb) -> tuple[torch.Tensor, torch.Tensor]:
+        return rnd(a * ca) - rnd(b * sa), rnd(b * cb) + rnd(a * sb)
+
     if style == "half":
-        x1, x2 = xf[..., :h], xf[..., h:]
-        out = torch.cat([x1 * c[..., :h] - x2 * s[..., :h], x2 * c[..., h:] + x1 * s[..., h:]], -1)
+        first, second = rotate(xf[..., :h], xf[..., h:], c[..., :h], s[..., :h], c[..., h:], s[..., h:])
+        out = torch.cat([first, second], -1)
     else:
-        even, odd = xf[..., 0::2], xf[..., 1::2]
-        first, second = even * c - odd * s, odd * c + even * s
+        first, second = rotate(xf[..., 0::2], xf[..., 1::2], c, s, c, s)
         if style == "pairs_to_half":
             out = torch.cat([first, second], -1)
         else:
@@ -86,9 +103,16 @@ def mla_norms_reference(
 
 
 def mla_rope_q_reference(
-    q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nope: int, seq_dim: int, style: str
+    q: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    nope: int,
+    seq_dim: int,
+    style: str,
+    round_each: bool = False,
 ) -> torch.Tensor:
-    return torch.cat([q[..., :nope], rope_reference(q[..., nope:], cos, sin, seq_dim, style)], -1)
+    rope = rope_reference(q[..., nope:], cos, sin, seq_dim, style, round_each)
+    return torch.cat([q[..., :nope], rope], -1)
 
 
 def mla_rope_k_reference(
@@ -98,8 +122,9 @@ def mla_rope_k_reference(
     past: torch.Tensor | None,
     seq_dim: int,
     style: str,
+    round_each: bool = False,
 ) -> torch.Tensor:
-    out = rope_reference(k, cos, sin, seq_dim, style)
+    out = rope_reference(k, cos, sin, seq_dim, style, round_each)
     return out.contiguous() if past is None else torch.cat([past, out], seq_dim)
 
 
@@ -184,13 +209,19 @@ def _(q_a, q_weight, q_eps, kv_a, kv_weight, kv_eps):
 
 @torch.library.custom_op("hetero::mla_rope_q", mutates_args=())
 def mla_rope_q(
-    q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nope: int, seq_dim: int, style: str
+    q: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    nope: int,
+    seq_dim: int,
+    style: str,
+    round_each: bool = False,
 ) -> torch.Tensor:
-    return mla_rope_q_reference(q, cos, sin, nope, seq_dim, style)
+    return mla_rope_q_reference(q, cos, sin, nope, seq_dim, style, round_each)
 
 
 @mla_rope_q.register_fake
-def _(q, cos, sin, nope, seq_dim, style):
+def _(q, cos, sin, nope, seq_dim, style, round_each=False):
     return q.new_empty(q.shape)
 
 
@@ -202,12 +233,13 @@ def mla_rope_k(
     past: torch.Tensor | None,
     seq_dim: int,
     style: str,
+    round_each: bool = False,
 ) -> torch.Tensor:
-    return mla_rope_k_reference(k, cos, sin, past, seq_dim, style)
+    return mla_rope_k_reference(k, cos, sin, past, seq_dim, style, round_each)
 
 
 @mla_rope_k.register_fake
-def _(k, cos, sin, past, seq_dim, style):
+def _(k, cos, sin, past, seq_dim, style, round_each=False):
     if past is None:
         return k.new_empty(k.shape)
     shape = list(k.shape)

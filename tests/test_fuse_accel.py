@@ -125,8 +125,8 @@ return (%view_4, %add_3, %cat_2)
 %getitem_5 : f32[2,3,8] = getitem(%mla_norms, 1)  @accel  mla_preprocess:self_attn
 %view_4 : f32[2,1,3,8] = aten.view(%getitem_5, [2, 1, 3, 8])  @accel  attention:self_attn
 %view_5 : f32[2,1,3,4] = aten.view(%getitem_3, [2, 1, 3, 4])  @accel  attention:self_attn
-%mla_rope_k : f32[2,1,3,4] = hetero.mla_rope_k(%view_5, %arg6_1, %arg7_1, None, 2, 'half')  @accel  mla_preprocess:self_attn  [triton mla_rope_k]
-%mla_rope_q : f32[2,2,3,12] = hetero.mla_rope_q(%transpose, %arg6_1, %arg7_1, 8, 2, 'half')  @accel  mla_preprocess:self_attn  [triton mla_rope_q]
+%mla_rope_k : f32[2,1,3,4] = hetero.mla_rope_k(%view_5, %arg6_1, %arg7_1, None, 2, 'half', False)  @accel  mla_preprocess:self_attn  [triton mla_rope_k]
+%mla_rope_q : f32[2,2,3,12] = hetero.mla_rope_q(%transpose, %arg6_1, %arg7_1, 8, 2, 'half', False)  @accel  mla_preprocess:self_attn  [triton mla_rope_q]
 return (%view_4, %mla_rope_k, %mla_rope_q)
 """,
         )
@@ -273,3 +273,28 @@ def test_unknown_rope_is_left_unfused_with_the_reason() -> None:
     torch._dynamo.reset()
     with pytest.raises(FallbackError, match="MLA prologue left unfused"):
         hetero.explain(model, *inputs, accel="cpu", strict=True)
+
+
+def _ropes(model: torch.nn.Module, *inputs: torch.Tensor) -> list[tuple[str, bool]]:
+    from hetero.passes.mla_recognition import find_mla
+
+    torch._dynamo.reset()
+    gm, _ = run_passes(capture_graph(model, *inputs), BEFORE, accel="cpu")
+    (match,), _ = find_mla(_accel_partition(gm).graph)
+    return [(rope.style, rope.round_each) for rope in (match.q_rope, match.k_rope)]
+
+
+def test_rope_rounding_follows_the_model() -> None:
+    """bf16: transformers' RoPE multiplies and adds bf16 tensors (each op rounds), DeepSeek's reference
+    code computes in fp32 and rounds once; the fused ops must round as the model does. In fp32 the
+    two are the same computation, recorded as rounding once."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        prologue = mla_models.PrologueModel()
+    inputs = mla_models.prologue_inputs()
+    assert _ropes(prologue, *inputs) == [("half", False)] * 2
+    bf16 = [t.to(torch.bfloat16) for t in inputs]
+    assert _ropes(prologue.to(torch.bfloat16), *bf16) == [("half", True)] * 2
+    reference = mla_models.make(dtype=torch.bfloat16, q_lora_rank=32)
+    tokens = torch.randint(0, 128, (2, 4), generator=torch.Generator().manual_seed(1))
+    assert _ropes(reference, tokens, 0) == [("pairs", False)] * 2

@@ -156,20 +156,26 @@ TABLE_CASES = {"shared": (1, 1, HEADS), "per_batch": (2, 3, 4), "strided": (2, 7
 @pytest.mark.parametrize("table", TABLE_CASES)
 @pytest.mark.parametrize("seq_dim", [1, 2])
 @pytest.mark.parametrize("style", accel_ops.ROPE_STYLES)
-def test_mla_rope_q(interpret: None, dtype: torch.dtype, table: str, seq_dim: int, style: str) -> None:
+@pytest.mark.parametrize("round_each", [False, True], ids=["round_once", "round_each"])
+def test_mla_rope_q(
+    interpret: None, dtype: torch.dtype, round_each: bool, table: str, seq_dim: int, style: str
+) -> None:
     gen = _gen(4)
     batch, tokens, heads = TABLE_CASES[table]
     q = _heads_view(_randn(gen, batch, tokens, heads, NOPE + ROPE, dtype=dtype), seq_dim)
     bc = 1 if table == "shared" else batch
     cos, sin = _tables(gen, bc, tokens, accel_ops.table_width(style, ROPE), table, dtype)
-    _compare("mla_rope_q", q, cos, sin, NOPE, seq_dim, style)
+    _compare("mla_rope_q", q, cos, sin, NOPE, seq_dim, style, round_each)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("with_past", [False, True], ids=["no_past", "past"])
 @pytest.mark.parametrize("seq_dim", [1, 2])
 @pytest.mark.parametrize("style", accel_ops.ROPE_STYLES)
-def test_mla_rope_k(interpret: None, dtype: torch.dtype, with_past: bool, seq_dim: int, style: str) -> None:
+@pytest.mark.parametrize("round_each", [False, True], ids=["round_once", "round_each"])
+def test_mla_rope_k(
+    interpret: None, dtype: torch.dtype, round_each: bool, with_past: bool, seq_dim: int, style: str
+) -> None:
     gen = _gen(5)
     # Decode against a cache with a shared table, or a prefill with per-batch tables.
     batch, tokens, cached = (1, 1, 6) if with_past else (2, 7, 0)
@@ -180,7 +186,7 @@ def test_mla_rope_k(interpret: None, dtype: torch.dtype, with_past: bool, seq_di
     if with_past:  # the filled part of a longer cache: a strided view
         past = _heads_view(_randn(gen, batch, cached + 5, 1, ROPE, dtype=dtype)[:, :cached], seq_dim)
     cos, sin = _tables(gen, 1 if with_past else batch, tokens, accel_ops.table_width(style, ROPE), "", dtype)
-    _compare("mla_rope_k", k, cos, sin, past, seq_dim, style)
+    _compare("mla_rope_k", k, cos, sin, past, seq_dim, style, round_each)
 
 
 def test_bf16_rounds_to_nearest_even(interpret: None) -> None:
@@ -191,6 +197,19 @@ def test_bf16_rounds_to_nearest_even(interpret: None) -> None:
     cos, sin = _tables(gen, 2, 7, ROPE, "", torch.bfloat16)
     out = _launched("mla_rope_k", k, cos, sin, None, 1, "half")
     assert torch.equal(out, accel_ops.mla_rope_k_reference(k, cos, sin, None, 1, "half"))
+
+
+def test_round_each_is_bit_equal_to_half_precision_eager(interpret: None) -> None:
+    """transformers' RoPE, `q * cos + rotate_half(q) * sin` on bf16 tensors, rounds each product and
+    the sum; with round_each the kernel does the same and equals it bit for bit (rounding once does not,
+    which is what flipped a near-tie MoE routing decision in a bf16 DeepSeek-V3)."""
+    gen = _gen(10)
+    q = _randn(gen, 2, 7, 4, ROPE, dtype=torch.bfloat16)
+    cos, sin = _tables(gen, 2, 7, ROPE, "", torch.bfloat16)
+    c, s = cos.unsqueeze(2), sin.unsqueeze(2)
+    eager = q * c + torch.cat([-q[..., ROPE // 2 :], q[..., : ROPE // 2]], -1) * s
+    assert torch.equal(_launched("mla_rope_q", q, cos, sin, 0, 1, "half", True), eager)
+    assert not torch.equal(_launched("mla_rope_q", q, cos, sin, 0, 1, "half", False), eager)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -171,7 +171,15 @@ def _fuse_mla(sub: fx.GraphModule, unfused: list[Unfused]) -> Counter[str]:
         cos, sin = _emit_tables(emit, match.q_rope)
         q = emit(
             _hetero.mla_rope_q.default,
-            (match.q, cos, sin, match.nope, match.q_rope.seq_dim, match.q_rope.style),
+            (
+                match.q,
+                cos,
+                sin,
+                match.nope,
+                match.q_rope.seq_dim,
+                match.q_rope.style,
+                match.q_rope.round_each,
+            ),
             "mla_rope_q",
         )
         match.q_out.replace_all_uses_with(q)
@@ -179,9 +187,8 @@ def _fuse_mla(sub: fx.GraphModule, unfused: list[Unfused]) -> Counter[str]:
         emit = _Emitter(sub.graph, replaced, region, f"k RoPE + cache write of {match.module}")
         cos, sin = _emit_tables(emit, match.k_rope)
         rope = match.k_rope
-        k = emit(
-            _hetero.mla_rope_k.default, (rope.x, cos, sin, match.past, rope.seq_dim, rope.style), "mla_rope_k"
-        )
+        args = (rope.x, cos, sin, match.past, rope.seq_dim, rope.style, rope.round_each)
+        k = emit(_hetero.mla_rope_k.default, args, "mla_rope_k")
         replaced.replace_all_uses_with(k)
         kernels.update({"mla_rope_q": 1, "mla_rope_k": 1, "fired": 1})
         kernels["kv_cache_writes"] += match.k_cache is not None

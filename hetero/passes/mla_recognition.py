@@ -5,8 +5,8 @@
 - RoPE is too varied to match op by op (rotate-half, even/odd slices, complex numbers), so it is found
   as a closure: from the rotary part, every elementwise op, view or concatenation whose other inputs do
   not depend on it (the cos/sin tables). That subgraph is then run on random inputs and compared with
-  each RoPE style of `hetero.accel_ops`; the one that reproduces it (and the layout of its tables) is
-  the match, and no match means no fusion, with the reason.
+  each RoPE style of `hetero.accel_ops`; the one that reproduces it (and the layout of its tables and,
+  in half precision, where it rounds) is the match, and no match means no fusion, with the reason.
 - The MLA prologue ties them together: a query split [nope, rope] whose rotary half is RoPE'd and
   concatenated back, and a latent split [kv_lora, rope] of a projection of the same hidden states
   whose first part is RMS-normed and second part RoPE'd (and maybe appended to a cache).
@@ -85,6 +85,7 @@ class Rope:
     tables: tuple[fx.Node, ...]  # (cos, sin), or one complex table
     style: str
     seq_dim: int
+    round_each: bool  # half precision rounded after each product and the sum, as eager did
 
 
 @dataclass(frozen=True)
@@ -269,18 +270,27 @@ def _verify(
         args = [_random(meta.val(n), g) for n in (x, *roots)]
         expected = gm(*args, *(meta.size_hint(meta.val(n)) for n in extra))
         tol = _VERIFY_TOLERANCE.get(xv.dtype, TOLERANCE[torch.float32])
-        best = float("inf")
-        for style, seq_dim, order in itertools.product(ROPE_STYLES, (1, 2), _orders(roots)):
+        # In fp32 both roundings are the same computation; in half precision the closer one is the
+        # model's (bit-equal when the model's ops are those of the reference).
+        roundings = (False,) if xv.dtype == torch.float32 else (False, True)
+        best, match = float("inf"), None
+        for style, seq_dim, order, round_each in itertools.product(
+            ROPE_STYLES, (1, 2), _orders(roots), roundings
+        ):
             tables = canonical_tables([args[1 + i] for i in order], style, xv.shape[-1], seq_dim, args[0])
             if tables is None:
                 continue
-            error = rel_error(rope_reference(args[0], *tables, seq_dim, style), expected)
-            if error <= tol:
-                return Rope(x, out, tuple(roots[i] for i in order), style, seq_dim)
-            best = min(best, error)
-    if best == float("inf"):
+            error = rel_error(rope_reference(args[0], *tables, seq_dim, style, round_each), expected)
+            if error < best:
+                best = error
+                match = Rope(x, out, tuple(roots[i] for i in order), style, seq_dim, round_each)
+    if match is None:
         return f"the tables of the RoPE of %{x.name} fit no RoPE style's layout"
-    return f"the subgraph from %{x.name} computes no RoPE style hetero has (closest differs by {best:.1e})"
+    if best > tol:
+        return (
+            f"the subgraph from %{x.name} computes no RoPE style hetero has (closest differs by {best:.1e})"
+        )
+    return match
 
 
 def _orders(roots: tuple[fx.Node, ...]) -> list[tuple[int, ...]]:

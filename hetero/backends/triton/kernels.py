@@ -13,7 +13,7 @@ Triton's own library functions (tl.sum, tl.sigmoid, ...) are `@triton.jit` funct
 mode of triton's import: the kernels use builtins only, and reduce with `tl.reduce(x, axis,
 _sum_combine)`, `_sum_combine` being this mode's (see `_build`).
 
-Every kernel computes in fp32 and rounds to the output dtype once, where the reference in
+Every kernel computes in fp32 and rounds to the output dtype where the reference in
 hetero.accel_ops rounds. Kernel parameters carry no type hints except `tl.constexpr`: Triton reads the
 annotations of a kernel as its own type declarations.
 
@@ -253,6 +253,7 @@ def rope_kernel(
     n_heads,
     n_past,
     STYLE: tl.constexpr,
+    ROUND_EACH: tl.constexpr,
     HAS_PAST: tl.constexpr,
     NOPE: tl.constexpr,
     HALF: tl.constexpr,
@@ -267,7 +268,8 @@ def rope_kernel(
     with seq < n_past are copied from past, the others read x at seq - n_past. The rotary part is handled
     as HALF pairs (a, b): a = x[ia], b = x[ib] go to out[oa] = a*ca - b*sa and out[ob] = b*cb + a*sb, the
     indices and table columns being the style's (see hetero.accel_ops). Tables are [B, S_x, W] with any
-    strides, broadcasting ones being 0.
+    strides, broadcasting ones being 0. ROUND_EACH rounds each product to the output dtype before the
+    sum, as a model computing RoPE in half precision does.
     """
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
@@ -322,8 +324,12 @@ def rope_kernel(
     else:
         cb = ca
         sb = sa
-    out_a = _cast(a * ca - b * sa, out_ptr)
-    out_b = _cast(b * cb + a * sb, out_ptr)
+    if ROUND_EACH:
+        out_a = _cast(_cast(a * ca, out_ptr).to(tl.float32) - _cast(b * sa, out_ptr).to(tl.float32), out_ptr)
+        out_b = _cast(_cast(b * cb, out_ptr).to(tl.float32) + _cast(a * sb, out_ptr).to(tl.float32), out_ptr)
+    else:
+        out_a = _cast(a * ca - b * sa, out_ptr)
+        out_b = _cast(b * cb + a * sb, out_ptr)
     if HAS_PAST:
         old_mask = mask & ~new[:, None]
         old_a = tl.load(past_ptr + p_row[:, None] + (NOPE + oa)[None, :] * p_sd, mask=old_mask)

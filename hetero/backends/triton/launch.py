@@ -105,12 +105,18 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def mla_rope_q(
-    q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nope: int, seq_dim: int, style: str
+    q: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    nope: int,
+    seq_dim: int,
+    style: str,
+    round_each: bool = False,
 ) -> torch.Tensor:
     torch._check(0 <= nope < q.shape[-1], lambda: f"mla_rope_q: nope {nope} outside [0, {q.shape[-1]})")
     accel_ops._check_rope(q[..., nope:], cos, sin, seq_dim, style)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    _rope(q, None, cos, sin, out, nope, seq_dim, style)
+    _rope(q, None, cos, sin, out, nope, seq_dim, style, round_each)
     return out
 
 
@@ -121,6 +127,7 @@ def mla_rope_k(
     past: torch.Tensor | None,
     seq_dim: int,
     style: str,
+    round_each: bool = False,
 ) -> torch.Tensor:
     accel_ops._check_rope(k, cos, sin, seq_dim, style)
     shape = list(k.shape)
@@ -136,7 +143,7 @@ def mla_rope_k(
         )
         shape[seq_dim] += past.shape[seq_dim]
     out = torch.empty(shape, dtype=k.dtype, device=k.device)
-    _rope(k, past, cos, sin, out, 0, seq_dim, style)
+    _rope(k, past, cos, sin, out, 0, seq_dim, style, round_each)
     return out
 
 
@@ -219,6 +226,7 @@ def _rope(
     nope: int,
     seq_dim: int,
     style: str,
+    round_each: bool,
 ) -> None:
     """out = cat([past, cat([x[..., :nope], rope(x[..., nope:])], -1)], seq_dim), in one launch."""
     if out.numel() == 0:
@@ -247,6 +255,7 @@ def _rope(
         out, *(out.stride(d) for d in order[:3]),
         n_rows, n_seq, n_heads, n_seq - n_new,
         STYLE=_STYLE_IDS[style],
+        ROUND_EACH=round_each,
         HAS_PAST=past is not None,
         NOPE=nope,
         HALF=half,
