@@ -2,6 +2,7 @@
 
 model = torch.compile(model, backend="hetero", options={...})
 hetero.explain(model, *example_inputs, **options)   # what runs where, and why
+hetero.reset(model)                                 # retry the GPU after a fault sent work to the CPU
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from hetero.compiler.config import HeteroConfig
 from hetero.compiler.errors import ConfigError, FallbackError, HeteroError, PassError, PlacementError
 from hetero.compiler.explain import explain
 from hetero.compiler.report import Report
+from hetero.runtime.executor import reset
 
 __version__ = "0.1.0"
 
@@ -24,4 +26,5 @@ __all__ = [
     "Report",
     "explain",
     "register_op_roles",
+    "reset",
 ]

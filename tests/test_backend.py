@@ -86,7 +86,12 @@ def test_dump_folder_has_every_pass_and_the_summary(tmp_path: Path) -> None:
         "pipeline.json",
         "schedule.json",
         "summary.json",
+        "timeline.json",
     ]
+    timeline = json.loads((folder / "timeline.json").read_text())
+    tracks = {e["args"]["name"] for e in timeline["traceEvents"] if e["ph"] == "M"}
+    slices = [e for e in timeline["traceEvents"] if e["ph"] == "X"]
+    assert tracks == {"accel", "host"} and len(slices) == 6  # one slice per task, one track per stream
     summary = json.loads((folder / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
     assert summary == json.loads(json.dumps(report.to_dict()))

@@ -135,8 +135,9 @@ def test_lookups_are_hoisted_and_prefetched_on_a_host_thread() -> None:
         with trace.record() as spans:
             compiled(*built.example_inputs)
     prefetch = [s for s in spans if s.prefetch]
-    assert prefetch and all(s.thread.startswith("hetero-host") for s in prefetch)  # ... on a worker thread
-    assert all(not s.thread.startswith("hetero-host") for s in spans if not s.prefetch)
+    # ... on the prefetch stream's worker thread, and nothing else is
+    assert prefetch and all(s.stream == "prefetch" and s.thread == "hetero-prefetch" for s in prefetch)
+    assert all(s.stream != "prefetch" and s.thread != "hetero-prefetch" for s in spans if not s.prefetch)
 
 
 class BlockOnly(torch.nn.Module):
@@ -249,4 +250,4 @@ def test_each_engram_layer_has_its_own_prefetched_lookup() -> None:
             compiled(*built.example_inputs)
     lookups = [s for s in spans if s.prefetch and s.kind == "partition"]
     assert len(lookups) == 2  # one task per layer: the first layer need not wait for the second's lookup
-    assert all(s.thread.startswith("hetero-host") for s in lookups)
+    assert all(s.stream == "prefetch" for s in lookups)

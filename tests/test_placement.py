@@ -43,7 +43,11 @@ def test_default_placement_experts_on_host_attention_on_accel(deepseek: zoo.ZooM
     hidden = 2 * 8 * 64 * 4  # f32 [16, 64]
     assert sum(t["bytes"] for t in report.transfers if t["dst_role"] == "accel") == 2 * hidden
     roles = [p["role"] for p in report.partitions]
-    assert roles == ["accel", "host", "accel", "host", "accel"]
+    # Each MoE layer's shared experts are an accel partition of their own, run while the host does the
+    # routed experts (the partition after each host one).
+    assert roles == ["accel", "host", "accel", "accel", "host", "accel", "accel"]
+    shared = [r for r in _regions(report, "mlp") if r["module"].endswith("shared_experts")]
+    assert len(shared) == 2
     assert report.budget["host_param_bytes"] == sum(r["param_bytes"] for r in moe)
     assert report.fallbacks == []
 

@@ -8,6 +8,8 @@ A graph that needs gradients is compiled unchanged by Inductor, and the summary 
 
 from __future__ import annotations
 
+import copy
+import functools
 import re
 import warnings
 from collections.abc import Callable, Sequence
@@ -68,7 +70,7 @@ def compile_inference(
     name: str,
 ) -> Callable[..., Any]:
     """Run the pipeline on an AOTAutograd inference graph and return the Executor for its Schedule."""
-    from hetero.runtime.executor import Executor
+    from hetero.runtime.executor import Executor, Fallback
 
     diagnostics = Diagnostics(config.strict)
     values = ParamValues()
@@ -94,11 +96,20 @@ def compile_inference(
     _register_accel_kernels(gm)
     kernels, compilers = _compile_partitions(gm, config, diagnostics)
     position = {slot: i for i, slot in enumerate(schedule.inputs)}
+    report_box: list[Report] = []  # filled below; the executor reports runtime fallbacks into it
     executor = Executor(
         schedule,
         kernels,
         {t.inputs[0]: weights[position[t.inputs[0]]] for t in schedule.setup},
         keepalive=host.packed,
+        mode=config.schedule,
+        fallback=Fallback(
+            host_kernel=functools.partial(_host_copy, gm, target.host_device),
+            host_device=target.host_device,
+            on_fallback=lambda task, error: _record_runtime_fallback(report_box[0], dump, task, error),
+            inject=config.inject_fault,
+        ),
+        on_spans=_timeline_writer(dump) if dump is not None else None,
     )
     released = _release_weights(gm, values, host.weights, weights.values()) if config.release_weights else 0
     report = build_report(
@@ -114,11 +125,70 @@ def compile_inference(
     report.host_kernels = host.kernels
     report.released_weight_bytes = released
     report.host_isa = _host_isa(host.kernels)
+    report_box.append(report)
+    report.schedule = _schedule_summary(schedule, executor.mode)
     if dump is not None:
         _write_dump(dump, report, config, schedule.to_json(), partition_dot(gm, name))
     _announce(report)
     publish(report)
     return executor
+
+
+def _schedule_summary(schedule: Any, mode: str) -> dict[str, Any]:
+    from hetero.runtime.simulate import simulate
+
+    sim = simulate(schedule)
+    return {
+        "mode": mode,
+        "micro_batches": schedule.batch.n if schedule.batch is not None else 1,
+        "tasks": len(schedule.tasks),
+        "streams": sorted({t.stream for t in schedule.tasks}),
+        "predicted_us": {"sequential": round(sim.sequential * 1e6), "pipelined": round(sim.makespan * 1e6)},
+    }
+
+
+def _host_copy(gm: fx.GraphModule, device: torch.device, name: str) -> Callable[..., Any]:
+    """An accel partition as an eager FX module on the host, for the runtime's fault fallback."""
+    from hetero.passes.partition import retarget_devices
+
+    sub = copy.deepcopy(getattr(gm, name))
+    retarget_devices(sub, device)
+    return sub
+
+
+def _record_runtime_fallback(
+    report: Report, dump: DumpFolder | None, task: Any, error: BaseException
+) -> None:
+    report.fallbacks.append(
+        {
+            "node": task.name,
+            "op": "partition",
+            "module": ", ".join(task.regions) or "<top>",
+            "reason": (
+                f"accel task raised {type(error).__name__}: {str(error)[:300]}; it runs on the host from "
+                "now on (hetero.reset(model) retries the accelerator)"
+            ),
+        }
+    )
+    report.runtime_fallbacks[task.name] = report.runtime_fallbacks.get(task.name, 0) + 1
+    if dump is not None:
+        try:
+            dump.write_json("summary.json", report.to_dict())
+        except OSError as e:
+            warnings.warn(f"hetero: updating {dump.path}/summary.json failed: {e}", stacklevel=2)
+
+
+def _timeline_writer(dump: DumpFolder) -> Callable[[list[Any]], None]:
+    """Writes each call's spans as timeline.json (Chrome trace format; the latest call wins)."""
+    from hetero.runtime import trace
+
+    def write(spans: list[Any]) -> None:
+        try:
+            dump.write_json("timeline.json", trace.chrome(spans))
+        except OSError as e:
+            warnings.warn(f"hetero: writing {dump.path}/timeline.json failed: {e}", stacklevel=2)
+
+    return write
 
 
 def _bind_host_kernels(gm: fx.GraphModule, values: ParamValues) -> Any:

@@ -59,6 +59,9 @@ class HeteroConfig:
     print_before: tuple[str, ...] = ()
     print_after: tuple[str, ...] = ()
     verify_each: bool = False
+    schedule: Literal["pipelined", "sequential"] = "pipelined"
+    micro_batches: int | Literal["auto"] = 1
+    inject_fault: str | None = None
 
     @classmethod
     def build(
@@ -204,6 +207,24 @@ def _optional_path(key: str, value: Any, from_env: bool) -> str | None:
     raise _bad(key, value, "a folder path or None")
 
 
+def _micro_batches(key: str, value: Any, from_env: bool) -> int | Literal["auto"]:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if from_env and isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _bad(key, value, "'auto' or a whole number of micro-batches, 1 or more")
+    return value
+
+
+def _optional_name(key: str, value: Any, from_env: bool) -> str | None:
+    if value is None or (from_env and value == ""):
+        return None
+    if isinstance(value, str):
+        return value
+    raise _bad(key, value, "a task name (as in schedule.json, e.g. 'part_2') or None")
+
+
 def _names(key: str, value: Any, from_env: bool) -> tuple[str, ...]:
     """Pass names: a list, or a comma-separated string; 'all' means every pass."""
     if isinstance(value, str):
@@ -304,6 +325,18 @@ _FIELDS: dict[str, _Field] = {
     "print_before": _Field(_names, "print the graph before these passes ('all' for every pass)"),
     "print_after": _Field(_names, "print the graph after these passes ('all' for every pass)"),
     "verify_each": _Field(_bool, "check the graph's invariants after every pass"),
+    "schedule": _Field(
+        _choice("pipelined", "sequential"),
+        "'pipelined' = each stream on its own worker, tasks overlap; 'sequential' = one task at a time",
+    ),
+    "micro_batches": _Field(
+        _micro_batches,
+        "split each call's batch into N micro-batches that pipeline across the roles; 'auto' = the cost "
+        "model picks N (1 when the graph is not provably batch-separable)",
+    ),
+    "inject_fault": _Field(
+        _optional_name, "debug: make this accel task raise on every run, to test the host fallback"
+    ),
 }
 assert set(_FIELDS) == {f.name for f in dataclasses.fields(HeteroConfig)}
 

@@ -7,7 +7,8 @@
         01_canonicalize.txt    ... one file per pass, in pipeline order
         pipeline.json          the pipeline and config used, so the run can be replayed
         summary.json           the report (same dict as hetero.explain(...).to_dict())
-        schedule.json          the Schedule the runtime executes
+        schedule.json          the Schedule the runtime executes (streams, tasks, events)
+        timeline.json          the latest call's tasks per stream (Chrome trace format: open in Perfetto)
         graph.dot / graph.svg  partitions and transfers (svg when Graphviz's `dot` is installed)
 
 hetero never deletes or overwrites a user's files: it writes only into a folder it created

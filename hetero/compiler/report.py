@@ -9,7 +9,9 @@
      "budget": {...}, "dump": str|None,
      "host_isa": str,                       # what oneDNN dispatches host kernels to, e.g. "avx512_core_amx"
      "host_kernels": [{"region", "kind", "backend", "dtype", "experts" | "linears", "packed_bytes"}],
-     "released_weight_bytes": int}          # the model's copies of prepacked weights, freed
+     "released_weight_bytes": int,          # the model's copies of prepacked weights, freed
+     "runtime_fallbacks": {task: int},      # accel tasks that raised and now run on the host
+     "schedule": {"mode", "micro_batches", "streams", "predicted_us": {"sequential", "pipelined"}}}
 
 In "transfers", src and dst are partition ids; -1 stands for the graph's inputs (src) or outputs
 (dst). A region split across roles appears once per role.
@@ -47,6 +49,8 @@ class Report:
     host_isa: str = "unknown"  # what oneDNN dispatches host kernels to (e.g. avx512_core_amx)
     host_kernels: list[dict[str, Any]] = field(default_factory=list)
     released_weight_bytes: int = 0  # the model's copies of weights now held by host kernels, freed
+    runtime_fallbacks: dict[str, int] = field(default_factory=dict)  # accel task -> faults re-run on host
+    schedule: dict[str, Any] = field(default_factory=dict)  # streams, micro-batches, predicted times
     dump: str | None = None
     graphs: list[Report] = field(default_factory=list)  # set when one call compiled several graphs
     graph_breaks: list[dict[str, Any]] = field(default_factory=list)
@@ -129,6 +133,14 @@ class Report:
             "\ntransfers:",
             _table(["from", "to", "kind", "value", "bytes"], rows) if rows else "  none",
         ]
+        if self.schedule:
+            sc = self.schedule
+            us = sc["predicted_us"]
+            lines.append(
+                f"\nschedule: {sc['mode']}, {sc['micro_batches']} micro-batch(es), {sc['tasks']} tasks on "
+                f"streams {', '.join(sc['streams'])}; predicted by the cost model: sequential "
+                f"{us['sequential']} us, pipelined {us['pipelined']} us"
+            )
         if self.budget:
             b = self.budget
             limit = "no limit" if b["accel_memory_budget"] is None else format_bytes(b["accel_memory_budget"])

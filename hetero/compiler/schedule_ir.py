@@ -1,9 +1,17 @@
 """The Schedule: plain data, the only contract between the compiler and the runtime.
 
-Values are numbered slots. A call fills the input slots with its arguments, runs `tasks` in
-order (each reads and writes slots, then frees the slots nothing later reads) and returns the
-output slots. `setup` tasks run once when the schedule is loaded: they place weights on the
-device that needs them. Everything here round-trips through JSON (`schedule.json` in a dump).
+Values are numbered slots. A call fills the input slots with its arguments and issues `tasks` in
+list order, each to its stream. A stream runs its tasks one at a time in that order; a task also
+waits for the tasks in its `waits` (other streams' tasks it reads from: the events between
+streams). The list order is a topological order, so running every task on one thread in list order
+(the sequential schedule) computes the same result. A slot is freed once every task reading it has
+run. `setup` tasks run once when the schedule is loaded: they place weights on the device that
+needs them. With `batch`, the call's batched arguments are split into `batch.n` micro-batches, each
+with its own slots, and the outputs are concatenated back. Everything round-trips through JSON
+(`schedule.json` in a dump).
+
+Streams: "accel" and "host" compute, "copy" (transfers to and from a CUDA accel), "prefetch" (Engram
+lookups, on a host worker from the start of the call).
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 TaskKind = Literal["partition", "transfer"]
+StreamKind = Literal["compute", "copy", "prefetch"]
 
 
 @dataclass(frozen=True)
@@ -26,23 +35,45 @@ class Value:
 
 
 @dataclass(frozen=True)
+class Stream:
+    name: str
+    role: str  # the role whose device it runs on
+    device: str
+    kind: StreamKind
+
+
+@dataclass(frozen=True)
 class Task:
-    id: int
+    id: int  # its position in `tasks` (or in `setup`)
     kind: TaskKind
     name: str  # partition submodule ("part_0") or transfer node ("getitem_3_to_host")
     role: str  # partition's role, or a transfer's destination role
     device: str
     inputs: tuple[int, ...]
     outputs: tuple[int, ...]
-    frees: tuple[int, ...] = ()  # slots released after this task
+    stream: str = ""
+    waits: tuple[int, ...] = ()  # earlier tasks on other streams this one reads from
+    micro_batch: int = 0
     transfer_kind: str | None = None  # activation | input | output | weight
     src_role: str | None = None
     bytes: int = 0  # bytes moved (transfers) or read and written (partitions)
     flops: int = 0
     regions: tuple[str, ...] = ()
-    # Runs on a host worker thread from the start of the call (an Engram lookup and its transfers):
-    # it reads graph inputs only, and the tasks that need its outputs wait for them.
+    # Reads graph inputs only (an Engram lookup and its transfers): issued on the prefetch stream,
+    # it runs from the start of the call and only the tasks that need its outputs wait for it.
     prefetch: bool = False
+
+
+@dataclass(frozen=True)
+class BatchSplit:
+    """How a call is split into micro-batches: dims are per graph argument / output, None where the
+    value is the same for every micro-batch (weights, tables, sizes)."""
+
+    n: int
+    input_dims: tuple[int | None, ...]
+    output_dims: tuple[int | None, ...]
+    micro_inputs: tuple[tuple[int, ...], ...]  # [micro-batch][argument] -> slot
+    micro_outputs: tuple[tuple[int, ...], ...]  # [micro-batch][output] -> slot
 
 
 @dataclass(frozen=True)
@@ -52,7 +83,12 @@ class Schedule:
     values: tuple[Value, ...]
     setup: tuple[Task, ...] = ()
     tasks: tuple[Task, ...] = ()
+    streams: tuple[Stream, ...] = ()
+    batch: BatchSplit | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def stream(self, name: str) -> Stream:
+        return next(s for s in self.streams if s.name == name)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,22 +99,26 @@ class Schedule:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Schedule:
         def task(d: dict[str, Any]) -> Task:
-            return Task(
-                **{
-                    **d,
-                    "inputs": tuple(d["inputs"]),
-                    "outputs": tuple(d["outputs"]),
-                    "frees": tuple(d["frees"]),
-                    "regions": tuple(d["regions"]),
-                }
-            )
+            tuples = ("inputs", "outputs", "waits", "regions")
+            return Task(**{**d, **{k: tuple(d[k]) for k in tuples}})
 
+        batch = data.get("batch")
         return cls(
             inputs=tuple(data["inputs"]),
             outputs=tuple(data["outputs"]),
             values=tuple(Value(**v) for v in data["values"]),
             setup=tuple(task(t) for t in data["setup"]),
             tasks=tuple(task(t) for t in data["tasks"]),
+            streams=tuple(Stream(**s) for s in data["streams"]),
+            batch=None
+            if batch is None
+            else BatchSplit(
+                n=batch["n"],
+                input_dims=tuple(batch["input_dims"]),
+                output_dims=tuple(batch["output_dims"]),
+                micro_inputs=tuple(tuple(m) for m in batch["micro_inputs"]),
+                micro_outputs=tuple(tuple(m) for m in batch["micro_outputs"]),
+            ),
             meta=dict(data.get("meta", {})),
         )
 

@@ -72,9 +72,10 @@ def partition_groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
         preds = [p for p in n.all_input_nodes if p in position]
         level[n] = max((level[p] + (meta.role(p) != meta.role(n)) for p in preds), default=0)
     _sink_input_only_nodes(compute, position, level)
+    deferred = _deferrable(compute, position, level)
     # Engram lookups get groups of their own, one per block: a prefetch task must not wait on, or hold up,
     # other work, and each layer's memory can arrive as soon as its own lookup is done.
-    key_of = {n: (meta.role(n), level[n], _lookup_of(n)) for n in compute}
+    key_of = {n: (meta.role(n), level[n], _lookup_of(n), n in deferred) for n in compute}
     quotient = nx.DiGraph()
     quotient.add_nodes_from(set(key_of.values()))
     for n in compute:
@@ -115,6 +116,41 @@ def _sink_input_only_nodes(
             level[n] = max(level[n], min(bounds))
 
 
+_MATMULS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten.baddbmm.default,
+}
+
+
+def _deferrable(
+    compute: list[fx.Node], position: dict[fx.Node, int], level: dict[fx.Node, int]
+) -> set[fx.Node]:
+    """Matmul work that the other role's next step does not wait for (a MoE layer's shared experts,
+    next to its routed experts on host): it gets a partition of its own, so the two roles' streams run
+    it while the other role works. A node can wait until the latest level its users allow; connected
+    nodes with such slack at one (role, level) move together, and only when they include a matmul
+    (smaller work is not worth a partition of its own)."""
+    top = max(level.values(), default=0)
+    late: dict[fx.Node, int] = {}
+    for n in reversed(compute):
+        bounds = [late[u] - (meta.role(u) != meta.role(n)) for u in n.users if u in position]
+        late[n] = min(bounds, default=top)
+    slack = {n for n in compute if late[n] > level[n] and not is_lookup_region(meta.region(n))}
+    components = nx.Graph()
+    components.add_nodes_from(slack)
+    for n in slack:
+        for u in n.users:
+            if u in slack and (meta.role(u), level[u]) == (meta.role(n), level[n]):
+                components.add_edge(n, u)
+    found: set[fx.Node] = set()
+    for component in nx.connected_components(components):
+        if any(n.target in _MATMULS for n in component):
+            found |= component
+    return found
+
+
 def _reads_no_activation(value: fx.Node, weights_only: set[fx.Node]) -> bool:
     if value.op == "placeholder":
         return meta.param(value) is not None or not isinstance(meta.val(value), torch.Tensor)
@@ -130,7 +166,7 @@ def _merge_same_role(quotient: nx.DiGraph, members: dict[Any, list[fx.Node]]) ->
         for b in keys:
             for a in kept:
                 if (
-                    a[2] == b[2]
+                    a[2:] == b[2:]
                     and _lookups_before(quotient, a) == _lookups_before(quotient, b)
                     and _contractible(quotient, a, b)
                 ):

@@ -1,21 +1,36 @@
-"""Runs a Schedule: partitions in order, tensors moved between roles' devices at transfers.
+"""Runs a Schedule: each stream's tasks in order on that stream's worker, events between streams.
 
 The executor knows a Schedule and a table of compiled partitions, nothing of passes. It is the
 callable hetero hands back to AOTAutograd (boxed calling convention: it receives the argument
 list and clears it, so inputs can be freed as soon as the schedule is done with them).
 
-Prefetch tasks (Engram lookups and the transfers of their results) read graph inputs only: each call
-starts them at once on a host worker thread, and the first task that reads one of their outputs
-waits for them. Everything else runs in order on the calling thread. Each call has its own slots,
-so calls from several threads at once do not share state.
+Pipelined (the default): every stream has one worker thread per process. A call issues all its
+tasks to their streams at once (under a lock, so concurrent calls queue in one consistent order
+and cannot deadlock); a task first waits for the tasks it reads from on other streams, then runs.
+The calling thread waits for the call's last task. On CUDA the accel and copy workers launch on
+their own CUDA streams and hand over with CUDA events (a host task synchronises on the event of
+the GPU work it reads; GPU streams wait on each other without blocking a thread). With accel = cpu
+the same workers run the same order, so CI tests the ordering logic. Sequential: every task in
+list order on the calling thread (also used when a schedule has one stream).
+
+Each call has its own slots, so calls from several threads at once do not share state. A slot is
+freed when every task reading it has run.
+
+Host fallback: when an accel partition raises (CUDA out of memory, a device error, or a fault
+injected for testing), the executor re-runs that partition on the host with host copies of its
+inputs and weights, moves the results back, reports it once, and keeps the partition on the host
+until `reset()` (hetero.reset(model)).
 """
 
 from __future__ import annotations
 
+import itertools
+import queue
 import threading
+import warnings
+import weakref
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,13 +41,18 @@ from hetero.runtime import trace
 Kernel = Callable[..., Sequence[Any]]
 
 
+class InjectedFault(RuntimeError):
+    """The fault options={"inject_fault": TASK} raises in an accel task (tests the host fallback)."""
+
+
 @dataclass(frozen=True)
-class _Step:
-    fn: Callable[..., Sequence[Any]]
-    inputs: tuple[int, ...]
-    outputs: tuple[int, ...]
-    frees: tuple[int, ...]
-    task: Task
+class Fallback:
+    """How to re-run accel partitions on the host, and whom to tell when that happens."""
+
+    host_kernel: Callable[[str], Kernel]  # partition name -> the partition compiled for the host
+    host_device: torch.device
+    on_fallback: Callable[[Task, BaseException], None] = lambda task, error: None
+    inject: str | None = None  # a task name whose accel run raises InjectedFault
 
 
 class Executor:
@@ -44,125 +64,380 @@ class Executor:
         kernels: Mapping[str, Kernel],
         weights: Mapping[int, torch.Tensor],
         keepalive: Sequence[Any] = (),
+        *,
+        mode: str = "pipelined",
+        fallback: Fallback | None = None,
+        on_spans: Callable[[list[trace.Span]], None] | None = None,
     ) -> None:
         """`weights` maps the slot of each setup task's source (a parameter input) to its real tensor;
-        `keepalive` holds what the kernels need for as long as this executor lives (prepacked weights)."""
+        `keepalive` holds what the kernels need for as long as this executor lives (prepacked weights);
+        `on_spans`, when given, receives the spans of every call (the dump's timeline.json)."""
         self.schedule = schedule
         self._keepalive = list(keepalive)
+        self._kernels = kernels
         self._size = len(schedule.values)
         self._resident = {t.outputs[0]: _move(weights[t.inputs[0]], t.device) for t in schedule.setup}
+        self._host_copies = {t.outputs[0]: weights[t.inputs[0]] for t in schedule.setup}
+        self.param_ids = {id(w) for w in weights.values()}
         self._consts = {v.id: v.const for v in schedule.values if v.kind == "const"}
-        steps = [self._step(t, kernels) for t in schedule.tasks]
-        self._prefetch = [s for s in steps if s.task.prefetch]
-        self._steps = [s for s in steps if not s.task.prefetch]
-        produced = {o for s in self._prefetch for o in s.outputs}
-        self._prefetch_inputs = sorted({i for s in self._prefetch for i in s.inputs} - produced)
+        self._fallback = fallback
+        self._on_host: set[str] = set()
+        self._host_kernels: dict[str, Kernel] = {}
+        self._warned = False
+        self._lock = threading.Lock()
+        self._on_spans = on_spans
+        streams = {t.stream for t in schedule.tasks}
+        self.mode = mode if len(streams) > 1 else "sequential"
+        keep = set(schedule.outputs)
+        if schedule.batch is not None:
+            keep |= {s for mb in schedule.batch.micro_outputs for s in mb}
+        keep |= set(self._resident) | set(self._consts) | set(schedule.inputs)
+        readers: dict[int, int] = {}
+        for t in schedule.tasks:
+            for s in t.inputs:
+                if s not in keep:
+                    readers[s] = readers.get(s, 0) + 1
+        self._readers = readers
+        self._cuda = any(s.device.startswith("cuda") for s in schedule.streams)
+        _LIVE.add(self)
 
-    @staticmethod
-    def _step(task: Task, kernels: Mapping[str, Kernel]) -> _Step:
-        if task.kind == "partition":
-            fn = kernels[task.name]
-        else:
-            device = torch.device(task.device)
-
-            def fn(x: torch.Tensor, _device: torch.device = device) -> tuple[torch.Tensor]:
-                return (_move(x, _device),)
-
-        return _Step(fn, task.inputs, task.outputs, task.frees, task)
+    # -- a call ----------------------------------------------------------------------------------
 
     def __call__(self, args: list[Any]) -> list[Any]:
-        env: list[Any] = [None] * self._size
+        call = _Call(self, self._on_spans is not None)
+        env = call.env
         for slot, value in zip(self.schedule.inputs, args, strict=True):
             env[slot] = value
         args.clear()
-        for slot, value in self._resident.items():
+        env_fill = {**self._resident, **self._consts}
+        for slot, value in env_fill.items():
             env[slot] = value
-        for slot, value in self._consts.items():
-            env[slot] = value
-        pending: _Prefetch | None = None
-        if self._prefetch:
-            pending = _Prefetch(self._prefetch, {i: env[i] for i in self._prefetch_inputs})
-            _host_pool().submit(pending.run)
-        try:
-            for step in self._steps:
-                if pending is not None:
-                    pending.fill(env, step.inputs)
-                _run(step, env)
-            if pending is not None:
-                pending.fill(env, self.schedule.outputs)
-        except BaseException as failure:
-            # The prefetch came first in the schedule: if it failed too, its error is the one to report.
-            if pending is not None and pending.error() is not None:
-                raise pending.error() from failure
-            raise
+        batch = self.schedule.batch
+        if batch is not None:
+            _split(env, self.schedule.inputs, batch.input_dims, batch.micro_inputs)
+        if self._cuda:
+            call.begin_cuda()
+        if self.mode == "sequential":
+            for task in self.schedule.tasks:
+                self._execute(call, task)
+                if call.failure is not None:
+                    break
+        else:
+            with _ISSUE_LOCK:
+                for task in self.schedule.tasks:
+                    _worker(task.stream).submit(lambda task=task: self._execute(call, task))
+            call.finished.wait()
+        if call.failure is not None:
+            raise call.failure
+        if self._cuda:
+            call.end_cuda()
+        if batch is not None:
+            _join(env, self.schedule.outputs, batch.output_dims, batch.micro_outputs)
+        if self._on_spans is not None:
+            self._on_spans(call.spans)
         return [env[i] for i in self.schedule.outputs]
 
-
-def _run(step: _Step, env: list[Any] | dict[int, Any]) -> None:
-    start = trace.now() if trace.active() else 0.0
-    results = step.fn(*[env[i] for i in step.inputs])
-    for slot, value in zip(step.outputs, results, strict=True):
-        env[slot] = value
-    for slot in step.frees:
-        env[slot] = None
-    if start:
-        t = step.task
-        trace.add(t.name, t.kind, t.role, t.prefetch, start, trace.now())
-
-
-class _Prefetch:
-    """One call's prefetch tasks, run in order on a host worker thread. Each task's outputs are
-    published as soon as it finishes, so a layer waits for its own lookup, not for all of them."""
-
-    def __init__(self, steps: list[_Step], given: dict[int, Any]) -> None:
-        self.steps = steps
-        self.env: dict[int, Any] = dict(given)
-        self.ready = {slot: threading.Event() for s in steps for slot in s.outputs}
-        self.failure: BaseException | None = None
-        self.done = threading.Event()
-
-    def run(self) -> None:
+    def _execute(self, call: _Call, task: Task) -> None:
         try:
-            for step in self.steps:
-                _run(step, self.env)
-                for slot in step.outputs:
-                    self.ready[slot].set()
+            for w in task.waits:
+                call.done[w].wait()
+            if call.failure is None:
+                start = trace.now()
+                with call.on_stream(task):
+                    results = self._run(task, [call.env[i] for i in task.inputs])
+                    for slot, value in zip(task.outputs, results, strict=True):
+                        call.env[slot] = value
+                call.span(task, start, trace.now())
+                call.release(task.inputs)
         except BaseException as e:  # handed to the calling thread, which raises it
-            self.failure = e
+            call.fail(e)
         finally:
-            for event in self.ready.values():
-                event.set()
-            self.done.set()
+            call.task_done(task)
 
-    def fill(self, env: list[Any], slots: Sequence[int]) -> None:
-        """Copy prefetched values the caller is about to read into its slots, waiting for each."""
-        for slot in slots:
-            event = self.ready.get(slot)
-            if event is None or env[slot] is not None:
-                continue
-            event.wait()
-            if self.failure is not None:
-                raise self.failure
-            env[slot] = self.env[slot]
+    def _run(self, task: Task, inputs: list[Any]) -> Sequence[Any]:
+        if task.kind == "transfer":
+            return (_move(inputs[0], torch.device(task.device)),)
+        if task.role != "accel" or self._fallback is None:
+            return self._kernels[task.name](*inputs)
+        if task.name in self._on_host:
+            return self._on_host_run(task, inputs)
+        try:
+            if task.name == self._fallback.inject:
+                raise InjectedFault(f"fault injected into accel task {task.name} (options inject_fault)")
+            return self._kernels[task.name](*inputs)
+        except (RuntimeError, torch.OutOfMemoryError) as error:
+            self._fall_back(task, error)
+            try:
+                return self._on_host_run(task, inputs)
+            except Exception as host_error:
+                raise host_error from error
 
-    def error(self) -> BaseException | None:
-        self.done.wait()
-        return self.failure
+    def _fall_back(self, task: Task, error: BaseException) -> None:
+        assert self._fallback is not None
+        with self._lock:
+            first_time = task.name not in self._on_host
+            self._on_host.add(task.name)
+            warn = not self._warned
+            self._warned = True
+        if first_time:
+            self._fallback.on_fallback(task, error)
+        if warn:
+            warnings.warn(
+                f"hetero: accel task {task.name} raised {type(error).__name__}: {str(error)[:200]}; "
+                "re-running it on the host from now on (the summary's fallbacks list it; "
+                "hetero.reset(model) retries the accelerator)",
+                stacklevel=2,
+            )
+
+    def _on_host_run(self, task: Task, inputs: list[Any]) -> Sequence[Any]:
+        assert self._fallback is not None
+        with self._lock:
+            kernel = self._host_kernels.get(task.name)
+            if kernel is None:
+                kernel = self._host_kernels[task.name] = self._fallback.host_kernel(task.name)
+        host = self._fallback.host_device
+        moved = [
+            _move(self._host_copies.get(slot, x), host) if isinstance(x, torch.Tensor) else x
+            for slot, x in zip(task.inputs, inputs, strict=True)
+        ]
+        device = torch.device(task.device)
+        return [_move(y, device) if isinstance(y, torch.Tensor) else y for y in kernel(*moved)]
+
+    def reset(self) -> int:
+        """Send partitions that fell back to the host back to the accelerator; returns how many."""
+        with self._lock:
+            count = len(self._on_host)
+            self._on_host.clear()
+            self._warned = False
+        return count
+
+    @property
+    def on_host(self) -> frozenset[str]:
+        """Accel partitions now running on the host after a fault."""
+        return frozenset(self._on_host)
 
 
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
+_LIVE: weakref.WeakSet[Executor] = weakref.WeakSet()
 
 
-def _host_pool() -> ThreadPoolExecutor:
-    """The process's host worker threads (two: prefetches of concurrent calls need not queue)."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hetero-host")
-        return _POOL
+def reset(model: torch.nn.Module | None = None) -> int:
+    """Send accel partitions that fell back to the host after a fault back to the accelerator, for the
+    graphs compiled from `model` (found by its parameters), or for every compiled graph when None.
+    Returns the number of partitions reset."""
+    ids = None if model is None else {id(t) for t in itertools.chain(model.parameters(), model.buffers())}
+    return sum(e.reset() for e in list(_LIVE) if ids is None or e.param_ids & ids)
+
+
+# -- one call's state ------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Call:
+    executor: Executor
+    record: bool
+    env: list[Any] = field(init=False)
+    done: list[threading.Event] = field(init=False)
+    finished: threading.Event = field(default_factory=threading.Event)
+    failure: BaseException | None = None
+    spans: list[trace.Span] = field(default_factory=list)
+    events: dict[int, Any] = field(default_factory=dict)  # task id -> CUDA event after its GPU work
+    start_event: Any = None
+
+    def __post_init__(self) -> None:
+        self.env = [None] * self.executor._size
+        self.done = [threading.Event() for _ in self.executor.schedule.tasks]
+        self._left = len(self.done)
+        self._readers = dict(self.executor._readers)
+        self._lock = threading.Lock()
+        if not self.done:
+            self.finished.set()
+
+    def task_done(self, task: Task) -> None:
+        self.done[task.id].set()
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self.finished.set()
+
+    def fail(self, error: BaseException) -> None:
+        with self._lock:
+            if self.failure is None:
+                self.failure = error
+
+    def release(self, slots: Sequence[int]) -> None:
+        with self._lock:
+            for s in slots:
+                if s in self._readers:
+                    self._readers[s] -= 1
+                    if self._readers[s] == 0:
+                        self.env[s] = None
+
+    def span(self, task: Task, start: float, end: float) -> None:
+        if not (self.record or trace.active()):
+            return
+        span = trace.Span(
+            task.name,
+            task.kind,
+            task.role,
+            task.prefetch,
+            threading.current_thread().name,
+            start,
+            end,
+            stream=task.stream,
+            micro_batch=task.micro_batch,
+            regions=task.regions,
+        )
+        trace.add_span(span)
+        if self.record:
+            with self._lock:
+                self.spans.append(span)
+
+    # CUDA: worker streams start after the caller's stream, GPU work hands over with events.
+
+    def begin_cuda(self) -> None:
+        self.start_event = torch.cuda.Event()
+        self.start_event.record(torch.cuda.current_stream())
+
+    def end_cuda(self) -> None:
+        current = torch.cuda.current_stream()
+        for event in self.events.values():
+            current.wait_event(event)
+        for s in self.executor.schedule.outputs:  # results copied to the host asynchronously
+            value = self.env[s]
+            if isinstance(value, torch.Tensor) and value.device.type == "cpu" and self.events:
+                torch.cuda.synchronize()
+                break
+
+    def on_stream(self, task: Task) -> Any:
+        if self.start_event is None:
+            return _NO_CONTEXT
+        return _CudaTask(self, task)
+
+
+class _NoContext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_CONTEXT = _NoContext()
+
+
+class _CudaTask:
+    """Runs a task on its stream's CUDA stream (GPU tasks) after the GPU work it reads, or, for a host
+    task, after synchronising with that work."""
+
+    def __init__(self, call: _Call, task: Task) -> None:
+        self.call, self.task = call, task
+        self.gpu = task.device.startswith("cuda") or (task.kind == "transfer" and task.stream == "copy")
+        self.stream: Any = None
+        self.context: Any = None
+
+    def __enter__(self) -> None:
+        producers = [self.call.events[w] for w in self.task.waits if w in self.call.events]
+        if not self.gpu:
+            for event in producers:
+                event.synchronize()
+            return
+        device = torch.device(self.task.device if self.task.device.startswith("cuda") else "cuda")
+        self.stream = _cuda_stream(self.task.stream, device)
+        self.stream.wait_event(self.call.start_event)
+        for event in producers:
+            self.stream.wait_event(event)
+        for slot in self.task.inputs:  # the allocator must not reuse an input until this stream is done
+            value = self.call.env[slot]
+            if isinstance(value, torch.Tensor) and value.is_cuda:
+                value.record_stream(self.stream)
+        self.context = torch.cuda.stream(self.stream)
+        self.context.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.context is None:
+            return
+        self.context.__exit__(*exc)
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        self.call.events[self.task.id] = event
+
+
+_CUDA_STREAMS: dict[tuple[str, int], Any] = {}
+
+
+def _cuda_stream(name: str, device: torch.device) -> Any:
+    key = (name, device.index if device.index is not None else torch.cuda.current_device())
+    if key not in _CUDA_STREAMS:
+        _CUDA_STREAMS[key] = torch.cuda.Stream(device=key[1])
+    return _CUDA_STREAMS[key]
+
+
+# -- stream workers --------------------------------------------------------------------------------
+
+
+class _Worker:
+    """One thread running one stream's tasks in the order they were issued."""
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._loop, name=f"hetero-{name}", daemon=True)
+        self.thread.start()
+
+    def submit(self, work: Callable[[], None]) -> None:
+        self._queue.put(work)
+
+    def _loop(self) -> None:
+        while True:
+            self._queue.get()()
+
+
+_WORKERS: dict[str, _Worker] = {}
+_ISSUE_LOCK = threading.Lock()  # a call issues all its tasks before another call issues any
+
+
+def _worker(stream: str) -> _Worker:
+    worker = _WORKERS.get(stream)
+    if worker is None:
+        worker = _WORKERS.setdefault(stream, _Worker(stream))
+    return worker
+
+
+# -- micro-batches ---------------------------------------------------------------------------------
+
+
+def _split(
+    env: list[Any],
+    inputs: Sequence[int],
+    dims: Sequence[int | None],
+    micro: Sequence[Sequence[int]],
+) -> None:
+    for i, (slot, dim) in enumerate(zip(inputs, dims, strict=True)):
+        if dim is None:
+            continue
+        parts = env[slot].chunk(len(micro), dim)
+        for mb, part in zip(micro, parts, strict=True):
+            env[mb[i]] = part
+        env[slot] = None
+
+
+def _join(
+    env: list[Any],
+    outputs: Sequence[int],
+    dims: Sequence[int | None],
+    micro: Sequence[Sequence[int]],
+) -> None:
+    for j, (slot, dim) in enumerate(zip(outputs, dims, strict=True)):
+        if dim is not None:
+            env[slot] = torch.cat([env[mb[j]] for mb in micro], dim)
 
 
 def _move(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """Copy to `device`; the same tensor when it is already there (accel = cpu: transfers are free)."""
-    return x.to(device)
+    """Copy to `device`; the same tensor when it is already there (accel = cpu: transfers are free).
+    Host -> CUDA goes through pinned memory and does not block; its consumers wait on its event."""
+    device = torch.device(device)
+    if x.device == device:
+        return x
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device, non_blocking=x.device.type == "cuda")
