@@ -110,6 +110,7 @@ def compile_inference(
             inject=config.inject_fault,
         ),
         on_spans=_timeline_writer(dump) if dump is not None else None,
+        params=list(weights.values()),
     )
     released = _release_weights(gm, values, host.weights, weights.values()) if config.release_weights else 0
     report = build_report(

@@ -68,17 +68,19 @@ class Executor:
         mode: str = "pipelined",
         fallback: Fallback | None = None,
         on_spans: Callable[[list[trace.Span]], None] | None = None,
+        params: Sequence[torch.Tensor] = (),
     ) -> None:
         """`weights` maps the slot of each setup task's source (a parameter input) to its real tensor;
         `keepalive` holds what the kernels need for as long as this executor lives (prepacked weights);
-        `on_spans`, when given, receives the spans of every call (the dump's timeline.json)."""
+        `on_spans`, when given, receives the spans of every call (the dump's timeline.json); `params`
+        are the model's parameters and buffers, by which hetero.reset(model) finds its executors."""
         self.schedule = schedule
         self._keepalive = list(keepalive)
         self._kernels = kernels
         self._size = len(schedule.values)
         self._resident = {t.outputs[0]: _move(weights[t.inputs[0]], t.device) for t in schedule.setup}
         self._host_copies = {t.outputs[0]: weights[t.inputs[0]] for t in schedule.setup}
-        self.param_ids = {id(w) for w in weights.values()}
+        self.param_ids = {id(p) for p in params} | {id(w) for w in weights.values()}
         self._consts = {v.id: v.const for v in schedule.values if v.kind == "const"}
         self._fallback = fallback
         self._on_host: set[str] = set()
@@ -218,6 +220,10 @@ class Executor:
 
 
 _LIVE: weakref.WeakSet[Executor] = weakref.WeakSet()
+
+
+def live_executors() -> list[Executor]:
+    return list(_LIVE)
 
 
 def reset(model: torch.nn.Module | None = None) -> int:
