@@ -5,6 +5,7 @@
     hetero explain --list               the built-in zoo models
     hetero bench moe [--json]           one MoE layer: hetero vs eager, Inductor and the floor
     hetero bench engram|mla [--json]    the Engram block; the MLA prologue (GPU)
+    hetero bench pipeline [--json]      pipelined stream schedule vs sequential, and its simulation
 
 Exit codes: 0 success, 1 failure, 2 usage error.
 """
@@ -84,9 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     bench = _command(sub, "bench", "benchmarks: ratios measured side by side in one run")
     bench.add_argument(
         "name",
-        choices=["moe", "engram", "mla"],
+        choices=["moe", "engram", "mla", "pipeline"],
         help="moe: one MoE layer on the host; engram: the Engram block and the prefetch overlap; "
-        "mla: the fused MLA prologue on the GPU",
+        "mla: the fused MLA prologue on the GPU; pipeline: the stream schedule against the sequential one",
     )
     bench.add_argument("--json", action="store_true", help="print the numbers as JSON")
     return parser

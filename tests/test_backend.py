@@ -77,10 +77,11 @@ def test_dump_folder_has_every_pass_and_the_summary(tmp_path: Path) -> None:
         "01_canonicalize.txt",
         "02_analyze_cost.txt",
         "03_place.txt",
-        "04_partition.txt",
-        "05_fuse_accel.txt",
-        "06_lower_host.txt",
-        "07_schedule.txt",
+        "04_split_batch.txt",
+        "05_partition.txt",
+        "06_fuse_accel.txt",
+        "07_lower_host.txt",
+        "08_schedule.txt",
         "graph.dot",
         *(["graph.svg"] if "graph.svg" in names else []),
         "pipeline.json",
@@ -95,7 +96,7 @@ def test_dump_folder_has_every_pass_and_the_summary(tmp_path: Path) -> None:
     summary = json.loads((folder / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
     assert summary == json.loads(json.dumps(report.to_dict()))
-    assert "@host" in (folder / "04_partition.txt").read_text()
+    assert "@host" in (folder / "05_partition.txt").read_text()
     schedule = Schedule.from_json((folder / "schedule.json").read_text())
     assert Schedule.from_json(schedule.to_json()) == schedule
     assert [t.kind for t in schedule.tasks] == [

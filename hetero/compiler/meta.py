@@ -30,6 +30,7 @@ LOWERING = "hetero.lowering"  # host kernel nodes (lower_host): HostKernel
 # gm.meta keys
 BUDGET = "hetero.budget"  # BudgetReport, written by place
 SCHEDULE = "hetero.schedule"  # Schedule, written by schedule
+BATCH_PLAN = "hetero.batch_plan"  # gm.meta: (BatchPlan, n) when the graph computes one of n micro-batches
 
 RegionKind = Literal[
     "moe", "engram", "mla_preprocess", "attention", "mlp", "embedding", "norm", "router", "head"

@@ -30,6 +30,7 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "canonicalize",
     "analyze_cost",
     "place",
+    "split_batch",
     "partition",
     "fuse_accel",
     "lower_host",

@@ -14,12 +14,15 @@ recomputed for the new shapes, every other meta key is kept. Neither function ch
 How: each value's fact is the dim whose outermost factor is the batch (None: the same for every
 micro-batch), propagated through the per-op rules of `RULES`. Reading a batched value with an op that
 has no rule, or a rule failing (a reduction, sort, cat, slice or index across rows of the batch, a
-view that buries the batch inside a dim), rejects the graph. MoE and router regions are token-wise
-as a whole: inside them, sorting and permuting the tokens is allowed (positions become local to the
-micro-batch) and counts over the tokens are "local" values that must not leave the region. Some
-values are choices, revisited when a rule fails on them: non-parameter inputs with B rows (batched,
-else shared), and uniform values (zeros, full, new_empty, an expand of a shared value, and `arange`
-in a region) that may hold the batch in any dim of a multiple of B.
+view that buries the batch inside a dim), rejects the graph; `assert all(x)` over the batch is kept,
+as it holds iff it holds per micro-batch. MoE and router regions are token-wise as a whole: inside
+them, sorting and permuting the tokens is allowed (positions become local to the micro-batch) and
+counts over the tokens are "local" values that must not leave the region. Some values are choices,
+revisited when a rule fails on them: non-parameter inputs with B rows (batched, else shared); uniform
+values (zeros, full, new_empty, an expand of a shared value, `arange` in a region) that may hold the
+batch in any dim of a multiple of B; and `arange(B)`, the rows' own numbers, which may only index the
+batch rows. The rewrite divides the size argument at each value's batch position by n (a symbolic
+one through a new `floordiv` node) and reruns FakeTensorProp on fakes of the micro-batch's inputs.
 
     before (B=4):  %view : f32[20,64] = aten.view(%x, [20, 64])              # x : f32[4,5,64]
                    %mm : f32[20,32] = aten.mm(%view, %t)
@@ -60,6 +63,7 @@ LOCAL: Literal["local"] = "local"  # no batch dim, but counted over the micro-ba
 Dim = int | Literal["local"] | None
 Fact = Dim | tuple[Dim, ...]  # a tuple for multi-output nodes
 _TOKEN_REGIONS = ("moe", "router")
+_ASSERTS = frozenset(("aten._assert_async", "aten._assert_async.msg", "aten._assert_scalar"))
 _MAX_DEAD_ENDS = 32  # revisited choices that got no further before a graph is given up
 _SEARCH_RADIUS = 512  # ancestors of a failing node searched for choices to revisit
 
@@ -162,7 +166,11 @@ def _options(node: fx.Node, graph: _Graph) -> tuple[int | None, ...]:
         source = _shape(node.args[0])
         lead = len(shape) - len(source)
         grown = [d for d in grown if d < lead or source[d - lead] == 1]
-    elif op_name(node.target) not in _UNIFORM and not (_is_arange(node) and _in_token_region(node)):
+    elif _is_arange(node) and not _in_token_region(node):
+        a = graph.args[node]
+        counts_rows = shape == (graph.batch,) and a.get("start", 0) == 0 and a.get("step", 1) == 1
+        return (None, 0) if counts_rows else (None,)
+    elif op_name(node.target) not in _UNIFORM and not _is_arange(node):
         return (None,)
     return (None, *(d for d in grown if isinstance(shape[d], int) and shape[d] % graph.batch == 0))
 
@@ -246,24 +254,52 @@ def _fact(
         return None
     if node.op != "call_function":
         return choices.get(node, graph.options.get(node, (None,))[0])
+    if op_name(node.target) in _ASSERTS:
+        return None
     inputs = node.all_input_nodes
     local = next((i for i in inputs if _has_local(facts[i])), None)
     if local is not None and not _in_token_region(node):
         raise _Reject(f"it reads %{local.name}, which a MoE region counted over the micro-batch's tokens")
     if node in graph.options and _is_choice(node, facts):
-        return choices.get(node)
+        dim = choices.get(node)
+        return _RowIndex(dim) if dim is not None and _is_arange(node) and not _in_token_region(node) else dim
     if not any(_batched(facts[i]) for i in inputs):
         return _like_outputs(node, None if local is None else LOCAL)
     rule = RULES.get(op_name(node.target)) or (_broadcast if _is_pointwise(node) else None)
     if rule is None:
         raise _Reject("no batch rule for this op, and it reads a batched value")
     fact = rule(node, graph.args[node], _Env(graph, facts, _in_token_region(node)))
+    rows = next((i for i in inputs if isinstance(facts[i], _RowIndex)), None)
+    if rows is not None:
+        fact = _keep_rows(node, fact, rows, facts)
     if local is None:
         return fact
     # What a region computes from its local counts differs per micro-batch, unless it holds tokens.
     if isinstance(fact, tuple):
         return tuple(LOCAL if f is None else f for f in fact)
     return LOCAL if fact is None else fact
+
+
+class _RowIndex(int):
+    """The batch dim of `arange(B)` and its reshapes: the values are the batch rows' own numbers, which
+    stay right in a micro-batch only as an index into its batch rows (HF builds packed-sequence masks
+    with `x[arange(B)[:, None], ...]`)."""
+
+
+_KEEPS_ROWS = frozenset(
+    "aten.unsqueeze aten.expand aten.view aten._unsafe_view aten.reshape aten.clone aten._to_copy "
+    "aten.alias aten.permute aten.transpose.int aten.squeeze aten.squeeze.dim aten.squeeze.dims".split()
+)
+
+
+def _keep_rows(node: fx.Node, fact: Fact, rows: fx.Node, facts: dict[fx.Node, Fact]) -> Fact:
+    if op_name(node.target) in _KEEPS_ROWS:
+        return _RowIndex(fact)
+    if node.target is aten.index.Tensor and not isinstance(facts[node.args[0]], _RowIndex):
+        return fact  # _indexed checked that the row numbers index the batch rows
+    raise _Reject(
+        f"it computes with %{rows.name}, the numbers of the batch rows, which differ per micro-batch"
+    )
 
 
 def _is_choice(node: fx.Node, facts: dict[fx.Node, Fact]) -> bool:
@@ -278,6 +314,10 @@ def _check_outputs(node: fx.Node, facts: dict[fx.Node, Fact]) -> None:
             raise _Reject(f"it returns %{out.name}, which a MoE region counted over the micro-batch's tokens")
         if isinstance(fact, tuple):
             raise _Reject(f"it returns %{out.name}, a tuple, whose parts the plan cannot describe")
+        if isinstance(fact, _RowIndex):
+            raise _Reject(
+                f"it returns %{out.name}, the numbers of the batch rows, which differ per micro-batch"
+            )
 
 
 @dataclass
@@ -435,6 +475,14 @@ def _cat(node: fx.Node, a: Args, env: _Env) -> Fact:
     return d
 
 
+def _stack(node: fx.Node, a: Args, env: _Env) -> Fact:
+    dims = {env.dim(t) for t in a["tensors"]}
+    if len(dims) > 1:
+        raise _Reject("it stacks batched values with values that are the same for every micro-batch")
+    (d,) = dims
+    return d + (_norm(a["dim"], len(env.shape(node))) <= d)
+
+
 def _slice_scatter(node: fx.Node, a: Args, env: _Env) -> Fact:
     d = _broadcast(node, {"self": a["self"], "src": a["src"]}, env)
     if env.dim(a["self"]) != env.dim(a["src"]) or _norm(a["dim"], len(env.shape(node))) == d:
@@ -448,10 +496,17 @@ def _reduction(node: fx.Node, a: Args, env: _Env) -> Fact:
     dims = [dims] if isinstance(dims, int) else dims
     reduced = set(range(rank)) if not dims else {_norm(k, rank) for k in dims}
     if d in reduced:
-        if env.region:
+        if env.region or _checked_per_micro_batch(node):
             return _like_outputs(node, LOCAL)
         raise _Reject(f"it reduces over the batch dim {d}")
     return _like_outputs(node, d if a.get("keepdim") else d - sum(k < d for k in reduced))
+
+
+def _checked_per_micro_batch(node: fx.Node) -> bool:
+    """`assert all(x)` holds for the batch iff it holds for every micro-batch."""
+    return op_name(node.target).startswith("aten.all") and all(
+        op_name(u.target) in _ASSERTS for u in node.users
+    )
 
 
 def _counts(node: fx.Node, a: Args, env: _Env) -> Fact:
@@ -487,6 +542,19 @@ def _matmul(node: fx.Node, a: Args, env: _Env) -> Fact:
     return dim
 
 
+def _convolution(node: fx.Node, a: Args, env: _Env) -> Fact:
+    if env.dim(a["input"]) != 0 or env.dim(a["weight"]) is not None or env.dim(a["bias"]) is not None:
+        raise _Reject("a convolution needs the batch in dim 0 of its input and shared weights")
+    return 0
+
+
+def _pad(node: fx.Node, a: Args, env: _Env) -> Fact:
+    d = env.dim(a["self"])
+    if d >= len(env.shape(node)) - len(a["pad"]) // 2:
+        raise _Reject(f"it pads the batch dim {d}")
+    return d
+
+
 def _embedding(node: fx.Node, a: Args, env: _Env) -> Fact:
     if env.dim(a["weight"]) is not None:
         raise _Reject("its table is batched")
@@ -505,6 +573,11 @@ def _indexed(x: fx.Node, indices: list[Any], env: _Env) -> int:
     """Where the batch lands in x[indices] (advanced indexing), or why it cannot be split."""
     layout = _IndexLayout.of(indices, env)
     d = env.dim(x)
+    rows = [k for k, t in enumerate(indices) if isinstance(env.facts.get(t), _RowIndex)]
+    if rows:
+        if rows != [d] or env.shape(x)[d] != env.batch:
+            raise _Reject("it indexes with the batch rows' numbers, but not the batch rows")
+        return layout.start + layout.batched
     if layout.batched is None:
         if d in layout.indexed:
             raise _Reject(f"it picks fixed rows of the batch (dim {d})")
@@ -649,7 +722,9 @@ RULES: dict[str, Rule] = {
     **_each("aten.split.Tensor aten.split_with_sizes", _along("splits")),
     "aten.unbind.int": _unbind,
     "aten.cat": _cat,
+    "aten.stack": _stack,
     "aten.slice_scatter": _slice_scatter,
+    "aten.constant_pad_nd": _pad,
     # Elementwise ops without the pointwise tag (tagged ones broadcast by default).
     **_each(
         "aten.copy aten.floor_divide aten.masked_fill.Tensor aten._to_copy aten.alias aten.lift_fresh_copy "
@@ -661,7 +736,7 @@ RULES: dict[str, Rule] = {
     **_each(
         "aten.sum aten.sum.dim_IntList aten.mean aten.mean.dim aten.amax aten.amin aten.max.dim aten.min.dim "
         "aten.argmax aten.argmin aten.prod.dim_int aten.any.dim aten.any.dims aten.all.dim aten.logsumexp "
-        "aten.var.correction aten.std.correction aten.linalg_vector_norm",
+        "aten.var.correction aten.std.correction aten.linalg_vector_norm aten.all",
         _reduction,
     ),
     **_each("aten._softmax aten._log_softmax aten._safe_softmax", _along("normalises")),
@@ -673,6 +748,7 @@ RULES: dict[str, Rule] = {
     **_each("aten.histc aten.bincount", _counts),
     # Products, lookups, attention.
     **_each("aten.mm aten.addmm aten.bmm aten.baddbmm", _matmul),
+    "aten.convolution": _convolution,
     "aten.embedding": _embedding,
     "aten.index.Tensor": _index,
     "aten.index_select": _index_select,

@@ -36,11 +36,9 @@ from hetero.compiler.schedule_ir import BatchSplit, Schedule, Stream, Task, Valu
 from hetero.passes.engram_recognition import is_lookup_region
 from hetero.runtime.simulate import estimator, simulate
 
-BATCH_PLAN = "hetero.batch_plan"  # gm.meta: (BatchPlan, n) when the graph computes one of n micro-batches
-
 
 def schedule(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    plan, n = gm.meta.get(BATCH_PLAN, (None, 1))
+    plan, n = gm.meta.get(meta.BATCH_PLAN, (None, 1))
     builder = _Builder(gm, ctx, plan, n)
     streams = _streams(ctx)
     devices = {s.role: s.device for s in streams if s.kind == "compute"}

@@ -387,6 +387,8 @@ class _Worker:
 
     def __init__(self, name: str) -> None:
         self._queue: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        # A new thread starts with the OpenMP default; give it the process's intra-op setting instead.
+        self._threads = torch.get_num_threads()
         self.thread = threading.Thread(target=self._loop, name=f"hetero-{name}", daemon=True)
         self.thread.start()
 
@@ -394,6 +396,7 @@ class _Worker:
         self._queue.put(work)
 
     def _loop(self) -> None:
+        torch.set_num_threads(self._threads)
         while True:
             self._queue.get()()
 
@@ -421,7 +424,7 @@ def _split(
     for i, (slot, dim) in enumerate(zip(inputs, dims, strict=True)):
         if dim is None:
             continue
-        parts = env[slot].chunk(len(micro), dim)
+        parts = [p.contiguous() for p in env[slot].chunk(len(micro), dim)]  # partitions expect dense
         for mb, part in zip(micro, parts, strict=True):
             env[mb[i]] = part
         env[slot] = None
