@@ -75,3 +75,15 @@ def test_bench_mla_on_the_gpu() -> None:
     for row in result.rows:
         assert max(row.errors.values()) <= 2e-2, row.errors
         assert row.launches["hetero"] < row.launches["eager"], row.launches
+
+
+def test_bench_pipeline_runs_both_schedules_on_the_cpu() -> None:
+    from hetero.bench import pipeline
+
+    sizes = dict(pipeline.SIZES, layers=2, hidden=64, moe_inter=64, experts=4, top_k=2, shared=2, batch=8)
+    result = pipeline.run(progress=lambda msg: None, sizes=sizes)
+    assert result.error_vs_eager <= 1e-5
+    assert set(result.ms) == {"sequential", "pipelined"} and all(v > 0 for v in result.ms.values())
+    assert result.streams == ["accel", "host"] and result.tasks > 0
+    assert 0 < result.predicted_ms["pipelined"] <= result.predicted_ms["sequential"] + 1e-9
+    assert "pipelined throughput" in pipeline.table(result)
