@@ -11,7 +11,22 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: venv demo test lint clean
 
+# $(call system_package,COMMAND,DEBIAN_PACKAGE,WHAT_IS_LOST): install a Debian package when COMMAND is
+# missing and this is a Debian/Ubuntu machine where we are root; otherwise say what is lost, and go on.
+define system_package
+	@if ! command -v $(1) >/dev/null 2>&1; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing $(2) (Debian package) for $(1) ..."; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) >/dev/null) \
+	      || echo "warning: installing $(2) failed; $(3)"; \
+	  else \
+	    echo "note: $(1) is missing and this machine cannot install $(2) here (needs apt-get and root); $(3)"; \
+	  fi; \
+	fi
+endef
+
 venv: $(STAMP)
+	$(call system_package,dot,graphviz,graph.svg is not drawn (graph.dot still is))
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +38,7 @@ demo: venv
 	$(VENV)/bin/hetero demo
 
 test: venv
+	$(call system_package,chromium,chromium,the test that renders report.html in a browser is skipped)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
@@ -30,4 +46,4 @@ lint: venv
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) hetero-dumps .pytest_cache
+	rm -rf $(VENV) hetero-dumps .pytest_cache test-artifacts

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from hetero.compiler.capability import register_op_roles
 from hetero.compiler.config import HeteroConfig
-from hetero.compiler.errors import ConfigError, FallbackError, HeteroError, PassError, PlacementError
+from hetero.compiler.errors import (
+    CollectiveError,
+    ConfigError,
+    FallbackError,
+    HeteroError,
+    PassError,
+    PlacementError,
+)
 from hetero.compiler.explain import explain
 from hetero.compiler.report import Report
 from hetero.runtime.executor import reset
@@ -17,6 +24,7 @@ from hetero.runtime.executor import reset
 __version__ = "0.1.0"
 
 __all__ = [
+    "CollectiveError",
     "ConfigError",
     "FallbackError",
     "HeteroConfig",

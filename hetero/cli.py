@@ -3,6 +3,9 @@
     hetero demo                         the main job on zoo:deepseek-v3-tiny
     hetero explain TARGET [--json]      what runs where, and why
     hetero explain --list               the built-in zoo models
+    hetero passes [TARGET] [FLAGS]      the pipeline; or compile TARGET with print/stop/disable/bisect flags
+    hetero viz TARGET --out DIR         graph.svg, timeline.svg and report.html of a compiled model
+    hetero diff DIR_A DIR_B             two dump folders compared pass by pass
     hetero bench moe [--json]           one MoE layer: hetero vs eager, Inductor and the floor
     hetero bench engram|mla [--json]    the Engram block; the MLA prologue (GPU)
     hetero bench pipeline [--json]      pipelined stream schedule vs sequential, and its simulation
@@ -15,18 +18,53 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from hetero.compiler.errors import HeteroError
 
-EXAMPLES = """examples:
+EXAMPLES = {
+    "": """examples:
+  hetero demo
+  hetero explain zoo:deepseek-v3-tiny
+  hetero passes zoo:deepseek-v3-tiny --print-after=partition
+  hetero viz zoo:deepseek-v3-tiny --out viz/
+  hetero bench pipeline
+""",
+    "demo": """examples:
   hetero demo
   hetero demo --dtype bf16 -O place='[{"match": "experts", "role": "accel"}]'
+""",
+    "explain": """examples:
   hetero explain zoo:deepseek-v3-tiny
   hetero explain zoo:qwen3-moe-tiny --json -O accel_memory_budget=200KiB
   hetero explain path/to/model.py:make     # make() returns (model, example_inputs)
-  hetero bench moe --json
-"""
+  hetero explain --list
+""",
+    "passes": """examples:
+  hetero passes                                               # the passes, in order, with what each does
+  hetero passes zoo:deepseek-v3-tiny --print-after=partition  # each op with its role, in its partition
+  hetero passes zoo:deepseek-v3-tiny --disable-pass=fuse_accel --check
+  hetero passes zoo:deepseek-v3-tiny --bisect                 # find the first rewrite that breaks --check
+  hetero passes zoo:deepseek-v3-tiny --bisect-limit=3 --check
+  hetero passes zoo:deepseek-v3-tiny --pass-timing --verify-each --dump-dir=dumps/
+  hetero passes model.py:make --add-pass lower_host=mypasses.py:my_pass --print-after-change
+""",
+    "viz": """examples:
+  hetero viz zoo:deepseek-v3-tiny --out viz/                  # graph.dot/.svg, timeline.svg, report.html
+  hetero viz zoo:qwen3-moe-tiny --out viz/ --depth 4          # one box per module, 4 names deep
+  hetero viz hetero-dumps/demo/000-graph_0_0 --out viz/       # from dumps written earlier
+""",
+    "diff": """examples:
+  hetero passes zoo:deepseek-v3-tiny --dump-dir=a/
+  hetero passes zoo:deepseek-v3-tiny --dump-dir=b/ --disable-pass=fuse_accel
+  hetero diff a/ b/                   # options that differ, first pass that differs, its graph diff
+""",
+    "bench": """examples:
+  hetero bench moe
+  hetero bench pipeline --json
+""",
+}
 
 
 def _parse_option(text: str) -> tuple[str, Any]:
@@ -41,7 +79,11 @@ def _parse_option(text: str) -> tuple[str, Any]:
 
 def _command(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
     return sub.add_parser(
-        name, help=help_text, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
+        name,
+        help=help_text,
+        description=help_text,
+        epilog=EXAMPLES[name],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 
 
@@ -61,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hetero",
         description=__doc__.split("\n\n")[0],
-        epilog=EXAMPLES,
+        epilog=EXAMPLES[""],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +124,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("--list", action="store_true", help="list the zoo models and exit")
     _add_options_flag(explain)
+    _passes_parser(sub)
+    _viz_parser(sub)
+    _diff_parser(sub)
     bench = _command(sub, "bench", "benchmarks: ratios measured side by side in one run")
     bench.add_argument(
         "name",
@@ -93,8 +138,77 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _passes_parser(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "passes", "list the passes; or compile TARGET and show what each pass did")
+    p.add_argument("target", nargs="?", help="zoo:NAME or path/to/file.py:factory; none: list the passes")
+    p.add_argument("--print-before", metavar="NAME[,NAME]", help="print the graph before these passes")
+    p.add_argument("--print-after", metavar="NAME[,NAME]", help="print the graph after these passes")
+    p.add_argument("--print-after-all", action="store_true", help="print the graph after every pass")
+    p.add_argument(
+        "--print-after-change", action="store_true", help="print the graph after every pass that changed it"
+    )
+    p.add_argument("--stop-after", metavar="NAME", help="stop the pipeline after this pass")
+    p.add_argument(
+        "--disable-pass", metavar="NAME[,NAME]", action="append", default=[], help="skip optional passes"
+    )
+    p.add_argument(
+        "--bisect-limit",
+        metavar="N",
+        type=int,
+        help="run only the first N optional steps (rewrites, or whole optional passes); logs each on stderr",
+    )
+    p.add_argument(
+        "--bisect",
+        action="store_true",
+        help="find the first optional step after which the model no longer matches eager (~log2 N compiles)",
+    )
+    p.add_argument(
+        "--add-pass",
+        metavar="AFTER=SPEC",
+        action="append",
+        default=[],
+        help="run a user pass after pass AFTER; SPEC is package.module:function or file.py:function",
+    )
+    p.add_argument("--verify-each", action="store_true", help="check the graph's invariants after every pass")
+    p.add_argument("--pass-timing", action="store_true", help="print how long each pass took")
+    p.add_argument("--dump-dir", metavar="DIR", help="write the dumps (graph text per pass, ...) under DIR")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="compare the compiled model with eager; print the error per output",
+    )
+    _add_options_flag(p)
+
+
+def _viz_parser(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "viz", "draw a compiled model: partitioned graph, timeline, one-file HTML report")
+    p.add_argument("target", help="zoo:NAME, path/to/file.py:factory, or a dump folder")
+    p.add_argument(
+        "--out", required=True, type=Path, help="folder to write into (new, empty or hetero's own)"
+    )
+    p.add_argument(
+        "--depth",
+        type=int,
+        default=None,
+        help="ops per box: 0 = one box per partition, N = per module path cut to N names "
+        "(default: one box per layer and partition)",
+    )
+    _add_options_flag(p)
+
+
+def _diff_parser(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "diff", "compare two dump folders pass by pass (exit code 1 when they differ)")
+    p.add_argument("a", type=Path, help="dump folder (a dump_dir, or one graph's folder in it)")
+    p.add_argument("b", type=Path, help="the dump folder to compare with")
+    p.add_argument("-U", "--context", type=int, default=3, help="lines of context around changes (default 3)")
+    p.add_argument(
+        "--max-lines", type=int, default=200, help="diff lines shown at most (default 200; 0 = all)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
@@ -103,6 +217,18 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo(args.model, args.dtype, args.steps, args.dump_dir, dict(args.option))
         if args.command == "explain":
             return _explain(parser, args)
+        if args.command == "passes":
+            return _passes(parser, args, argv)
+        if args.command == "viz":
+            from hetero.commands import viz
+
+            if args.depth is not None and args.depth < 0:
+                parser.error("viz: --depth must be 0 or more")
+            return viz.run(args.target, args.out, args.depth, _options(parser, args.option))
+        if args.command == "diff":
+            from hetero.commands import diff
+
+            return diff.run(args.a, args.b, args.context, args.max_lines or None)
         if args.command == "bench":
             import importlib
 
@@ -112,6 +238,77 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     parser.error(f"unknown command {args.command!r}")
     return 2
+
+
+def _options(parser: argparse.ArgumentParser, pairs: list[tuple[str, Any]], **more: Any) -> dict[str, Any]:
+    """-O options plus the command's own; a bad one is a usage error (exit code 2)."""
+    from hetero.compiler.config import HeteroConfig
+    from hetero.compiler.errors import ConfigError
+
+    options = {**dict(pairs), **{k: v for k, v in more.items() if v is not None}}
+    try:
+        HeteroConfig.build(options)
+    except ConfigError as e:
+        parser.error(str(e))
+    return options
+
+
+def _passes(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
+    from hetero.commands import passes
+
+    flags = [
+        args.print_before,
+        args.print_after,
+        args.print_after_all,
+        args.print_after_change,
+        args.stop_after,
+        args.disable_pass,
+        args.bisect_limit is not None,
+        args.bisect,
+        args.add_pass,
+        args.verify_each,
+        args.pass_timing,
+        args.dump_dir,
+        args.check,
+        args.option,
+    ]
+    if args.target is None:
+        if any(flags):
+            parser.error("passes: these flags need a TARGET (zoo:NAME or path/to/file.py:factory)")
+        print(passes.list_passes(), end="")
+        return 0
+    if args.bisect and (args.bisect_limit is not None or args.stop_after):
+        parser.error("passes: --bisect finds the limit itself; leave out --bisect-limit and --stop-after")
+    print_after = (
+        _split(args.print_after) + ["all"] * args.print_after_all + ["changed"] * args.print_after_change
+    )
+    extra = []
+    for text in args.add_pass:
+        after, sep, spec = text.partition("=")
+        if not sep:
+            parser.error(
+                f"passes: --add-pass wants AFTER=SPEC, e.g. lower_host=my_passes.py:my_pass; got {text!r}"
+            )
+        extra.append({"after": after, "pass": spec})
+    options = _options(
+        parser,
+        args.option,
+        print_before=_split(args.print_before) or None,
+        print_after=print_after or None,
+        stop_after=args.stop_after,
+        disable_pass=[n for text in args.disable_pass for n in _split(text)] or None,
+        bisect_limit=args.bisect_limit,
+        extra_passes=extra or None,
+        verify_each=args.verify_each or None,
+        dump_dir=args.dump_dir,
+    )
+    return passes.run(
+        args.target, options, check=args.check, pass_timing=args.pass_timing, bisect=args.bisect, command=argv
+    )
+
+
+def _split(text: str | None) -> list[str]:
+    return [n.strip() for n in (text or "").split(",") if n.strip()]
 
 
 def _explain(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

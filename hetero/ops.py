@@ -176,6 +176,18 @@ def _(hidden, topk_ids, topk_weights, handle):
     return torch.empty_like(hidden)
 
 
+# A `moe_experts` node under options={"expert_parallel": ...}: `handle` names this rank's share of the
+# layer's experts and the exchange that feeds them (hetero.parallel.dispatch, which holds the CPU kernel).
+torch.library.define(
+    "hetero::ep_moe", "(Tensor hidden, Tensor topk_ids, Tensor topk_weights, int handle) -> Tensor"
+)
+
+
+@torch.library.register_fake("hetero::ep_moe")
+def _(hidden, topk_ids, topk_weights, handle):
+    return torch.empty_like(hidden)
+
+
 # Linears on the host lowered to one prepacked oneDNN GEMM (several linears reading the same input are
 # fused: their outputs are column ranges of the result).
 torch.library.define("hetero::host_linear", "(Tensor x, int out_features, int handle) -> Tensor")
@@ -189,4 +201,5 @@ def _(x, out_features, handle):
 from hetero.compiler.capability import register_op_roles  # noqa: E402 - after the ops exist
 
 register_op_roles("hetero::host_moe", {"host"})
+register_op_roles("hetero::ep_moe", {"host"})
 register_op_roles("hetero::host_linear", {"host"})

@@ -83,6 +83,7 @@ def test_dump_folder_has_every_pass_and_the_summary(tmp_path: Path) -> None:
         "07_lower_host.txt",
         "08_schedule.txt",
         "graph.dot",
+        "graph.json",
         *(["graph.svg"] if "graph.svg" in names else []),
         "pipeline.json",
         "schedule.json",
@@ -111,7 +112,10 @@ def test_dump_folder_has_every_pass_and_the_summary(tmp_path: Path) -> None:
     assert (
         replay["pipeline"] == list(summary["pipeline"]) and replay["config"]["partition_compiler"] == "eager"
     )
-    assert "part_1" in (folder / "graph.dot").read_text()
+    dot = (folder / "graph.dot").read_text()
+    assert "cluster_p1" in dot and "part 1 @host" in dot
+    graph = json.loads((folder / "graph.json").read_text())
+    assert {p["id"] for p in graph["partitions"]} == {p["id"] for p in summary["partitions"]}
     again = hetero.explain(model, *inputs, dump_dir=str(dump_dir), **EAGER)
     assert Path(again.dump).name.startswith("001-graph_")  # numbered in creation order
 

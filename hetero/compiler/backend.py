@@ -9,6 +9,7 @@ A graph that needs gradients is compiled unchanged by Inductor, and the summary 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import re
 import warnings
@@ -20,14 +21,15 @@ from torch import fx
 
 from hetero.compiler import meta
 from hetero.compiler.config import HeteroConfig, Target
-from hetero.compiler.dot import partition_dot
 from hetero.compiler.dump import DumpFolder
 from hetero.compiler.errors import ConfigError, FallbackError, HeteroError
+from hetero.compiler.graph_data import graph_data
 from hetero.compiler.meta import ParamInfo
-from hetero.compiler.pipeline import DEFAULT_PIPELINE, Diagnostics, PassContext, run_pipeline
+from hetero.compiler.pipeline import Diagnostics, PassContext, pipeline_for, run_pipeline
 from hetero.compiler.report import Report, build_report, publish
 from hetero.compiler.units import format_bytes
 from hetero.compiler.weights import ParamValues
+from hetero.viz.graph import dot_text
 
 
 def hetero_backend(
@@ -87,7 +89,12 @@ def compile_inference(
         values = ParamValues({placeholders[i].name: t for i, t in weights.items()})
     ctx = PassContext(config, target, diagnostics, name, values)
     dump = _open_dump(config, name)
-    gm, records = run_pipeline(gm, ctx, DEFAULT_PIPELINE, dump=dump)
+    pipeline = pipeline_for(config)
+    pass_names = [p.name for p in pipeline]
+    captured = _copy_graph(gm) if config.stop_after is not None else None
+    gm, records = run_pipeline(gm, ctx, pipeline, dump=dump)
+    if captured is not None:
+        return _stopped(gm, captured, ctx, pass_names, records, dump)
     schedule = gm.meta[meta.SCHEDULE]
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
@@ -117,22 +124,72 @@ def compile_inference(
         gm,
         graph=name,
         accel=target.accel,
-        pipeline=DEFAULT_PIPELINE,
+        pipeline=pass_names,
         records=records,
         fallbacks=diagnostics.fallbacks,
         compilers=compilers,
         dump=str(dump.path) if dump else None,
     )
     report.host_kernels = host.kernels
+    report.bisect_steps = _bisect_steps(ctx)
     report.released_weight_bytes = released
     report.host_isa = _host_isa(host.kernels)
     report_box.append(report)
     report.schedule = _schedule_summary(schedule, executor.mode)
     if dump is not None:
-        _write_dump(dump, report, config, schedule.to_json(), partition_dot(gm, name))
+        _write_dump(dump, report, config, schedule.to_json(), graph_data(gm, name))
     _announce(report)
     publish(report)
     return executor
+
+
+def _copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """The graph as captured, kept apart from the passes' in-place rewrites (same parameters)."""
+    graph = fx.Graph()
+    output = graph.graph_copy(gm.graph, {})
+    graph.output(output)
+    return fx.GraphModule(gm, graph)
+
+
+def _stopped(
+    gm: fx.GraphModule,
+    captured: fx.GraphModule,
+    ctx: PassContext,
+    pass_names: list[str],
+    records: Sequence[Any],
+    dump: DumpFolder | None,
+) -> Callable[..., Any]:
+    """stop_after: report and dump what the pipeline made so far; the model runs the captured graph."""
+    config, target, name, diagnostics = ctx.config, ctx.target, ctx.graph_name, ctx.diagnostics
+    diagnostics.fallback(
+        "backend",
+        "<graph>",
+        f"stop_after={config.stop_after!r}: the pipeline stopped after {config.stop_after}, so nothing "
+        "was placed on devices; the graph runs as captured (ATen, eagerly, on the model's devices)",
+        error=FallbackError,
+    )
+    report = build_report(
+        gm,
+        graph=name,
+        accel=target.accel,
+        pipeline=pass_names,
+        records=records,
+        fallbacks=diagnostics.fallbacks,
+        compilers={n.target: "-" for n in gm.graph.nodes if n.op == "call_module"},
+        dump=str(dump.path) if dump else None,
+    )
+    report.bisect_steps = _bisect_steps(ctx)
+    if dump is not None:
+        partitioned = any(meta.partition(n) is not None for n in gm.graph.nodes)
+        _write_dump(dump, report, config, None, graph_data(gm, name) if partitioned else None)
+    _announce(report)
+    publish(report)
+    return captured.forward
+
+
+def _bisect_steps(ctx: PassContext) -> list[dict[str, Any]]:
+    steps = ctx.bisect.steps if ctx.bisect is not None else []
+    return [dataclasses.asdict(s) for s in steps]
 
 
 def _schedule_summary(schedule: Any, mode: str) -> dict[str, Any]:
@@ -200,10 +257,15 @@ def _bind_host_kernels(gm: fx.GraphModule, values: ParamValues) -> Any:
     for node in gm.graph.nodes:
         info = meta.partition(node)
         if node.op == "call_module" and info is not None and info.role == "host":
-            binding = onednn.bind(getattr(gm, node.target), values)
-            total.packed += binding.packed
-            total.weights += binding.weights
-            total.kernels += binding.kernels
+            bindings = [onednn.bind(getattr(gm, node.target), values)]
+            if any(n.target is torch.ops.hetero.ep_moe.default for n in getattr(gm, node.target).graph.nodes):
+                from hetero import parallel  # expert_parallel: this rank's experts and the exchange
+
+                bindings.append(parallel.bind(getattr(gm, node.target), values))
+            for binding in bindings:
+                total.packed += binding.packed
+                total.weights += binding.weights
+                total.kernels += binding.kernels
     return total
 
 
@@ -417,15 +479,20 @@ def _open_dump(config: HeteroConfig, name: str) -> DumpFolder | None:
 
 
 def _write_dump(
-    dump: DumpFolder, report: Report, config: HeteroConfig, schedule_json: str | None, dot: str | None
+    dump: DumpFolder,
+    report: Report,
+    config: HeteroConfig,
+    schedule_json: str | None,
+    graph: dict[str, Any] | None,
 ) -> None:
     try:
         dump.write_json("pipeline.json", {"pipeline": report.pipeline, "config": config.to_dict()})
         dump.write_json("summary.json", report.to_dict())
         if schedule_json is not None:
             dump.write_text("schedule.json", schedule_json + "\n")
-        if dot is not None:
-            dump.write_dot("graph.dot", dot)
+        if graph is not None:
+            dump.write_json("graph.json", graph)
+            dump.write_dot("graph.dot", dot_text(graph))
     except OSError as e:  # debug output never breaks a compile
         warnings.warn(f"hetero: writing dumps to {dump.path} failed: {e}", stacklevel=3)
 

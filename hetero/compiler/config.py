@@ -45,6 +45,32 @@ Budget = int | Literal["auto"] | None
 
 
 @dataclass(frozen=True)
+class ExpertParallel:
+    """`options["expert_parallel"]`: shard each MoE layer's experts across the ranks of a process group.
+
+    placement: "uniform" (contiguous blocks of experts per rank) or a `hetero.parallel.Placement`
+    (the same for every layer); `hetero.parallel.set_placement` changes it later without recompiling.
+    hierarchical: ranks per node for the two-level exchange (inside a node, then across nodes); 0 = flat.
+    timeout: seconds a collective may wait for the other ranks before every rank gets an error.
+    """
+
+    group: Any = None  # a torch.distributed ProcessGroup; None = the default (world) group
+    placement: Any = "uniform"
+    hierarchical: int = 0
+    timeout: float = 60.0
+
+    def to_dict(self) -> dict[str, Any]:
+        placement = self.placement if isinstance(self.placement, str) else type(self.placement).__name__
+        group = None if self.group is None else f"<{type(self.group).__name__}>"
+        return {
+            "group": group,
+            "placement": placement,
+            "hierarchical": self.hierarchical,
+            "timeout": self.timeout,
+        }
+
+
+@dataclass(frozen=True)
 class HeteroConfig:
     accel: Literal["auto", "cuda", "cpu"] = "auto"
     place: tuple[PlaceRule, ...] = ()
@@ -59,9 +85,14 @@ class HeteroConfig:
     print_before: tuple[str, ...] = ()
     print_after: tuple[str, ...] = ()
     verify_each: bool = False
+    disable_pass: tuple[str, ...] = ()
+    stop_after: str | None = None
+    bisect_limit: int | None = None
+    extra_passes: tuple[tuple[str, str], ...] = ()  # (after which pass, "module:function" or "file.py:fn")
     schedule: Literal["pipelined", "sequential"] = "pipelined"
     micro_batches: int | Literal["auto"] = 1
     inject_fault: str | None = None
+    expert_parallel: ExpertParallel | None = None
 
     @classmethod
     def build(
@@ -94,10 +125,14 @@ class HeteroConfig:
         return dataclasses.replace(self, **parsed)
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
+        # Not dataclasses.asdict: it deep-copies values, and expert_parallel may hold a ProcessGroup.
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["expert_parallel"] = self.expert_parallel.to_dict() if self.expert_parallel else None
         out["place"] = [r.to_dict() for r in self.place]
         out["print_before"] = list(self.print_before)
         out["print_after"] = list(self.print_after)
+        out["disable_pass"] = list(self.disable_pass)
+        out["extra_passes"] = [{"after": a, "pass": p} for a, p in self.extra_passes]
         return out
 
 
@@ -109,6 +144,7 @@ class Target:
     accel_device: torch.device
     host_device: torch.device
     accel_memory_budget: int | None  # bytes of parameters accel may hold; None: no limit
+    expert_parallel_ranks: int = 0  # ranks MoE experts are sharded across (expert_parallel); 0: off
 
     def device(self, role: Role) -> torch.device:
         return self.accel_device if role == "accel" else self.host_device
@@ -134,7 +170,29 @@ class Target:
                 if accel == "cuda"
                 else None
             )
-        return cls(accel, accel_device, torch.device("cpu"), budget)
+        ranks = _expert_parallel_ranks(config.expert_parallel)
+        return cls(accel, accel_device, torch.device("cpu"), budget, ranks)
+
+
+def _expert_parallel_ranks(ep: ExpertParallel | None) -> int:
+    """The size of the expert-parallel group; 0 when expert parallelism is off."""
+    if ep is None:
+        return 0
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ConfigError(
+            "option 'expert_parallel' is on but torch.distributed is not initialised; launch with "
+            "`torchrun --nproc-per-node N ...` and call torch.distributed.init_process_group() before "
+            "compiling, or leave expert_parallel off"
+        )
+    ranks = dist.get_world_size(ep.group)
+    if ep.hierarchical and ranks % ep.hierarchical:
+        raise ConfigError(
+            f"option 'expert_parallel': hierarchical={ep.hierarchical} ranks per node does not divide the "
+            f"group's {ranks} ranks"
+        )
+    return ranks
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -226,21 +284,92 @@ def _optional_name(key: str, value: Any, from_env: bool) -> str | None:
 
 
 def _names(key: str, value: Any, from_env: bool) -> tuple[str, ...]:
-    """Pass names: a list, or a comma-separated string; 'all' means every pass."""
+    """Pass names: a list, or a comma-separated string; 'all' means every pass, 'changed' every pass
+    that changed the graph."""
+    return _pass_names(key, value, ("all", "changed"))
+
+
+def _disabled(key: str, value: Any, from_env: bool) -> tuple[str, ...]:
+    from hetero.compiler.pipeline import REQUIRED_PASSES
+
+    names = _pass_names(key, value, ())
+    required = [n for n in names if n in REQUIRED_PASSES]
+    if required:
+        raise ConfigError(
+            f"option {key!r}: {', '.join(map(repr, required))} cannot be disabled: the runtime needs "
+            f"a placed, partitioned, scheduled graph ({', '.join(sorted(REQUIRED_PASSES))} always run)"
+        )
+    return names
+
+
+def _pass_names(key: str, value: Any, words: tuple[str, ...]) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [v.strip() for v in value.split(",") if v.strip()]
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise _bad(key, value, "a list of pass names, a comma-separated string of them, or 'all'")
+        extra = "".join(f", or {w!r}" for w in words)
+        raise _bad(key, value, f"a list of pass names or a comma-separated string of them{extra}")
+    for name in value:
+        if name not in words:
+            _check_pass(key, name, words)
+    return tuple(value)
+
+
+def _check_pass(key: str, name: str, words: tuple[str, ...] = ()) -> None:
     from hetero.compiler.pipeline import PASS_NAMES  # the runner owns the list of passes
 
-    for name in value:
-        if name != "all" and name not in PASS_NAMES:
-            near = difflib.get_close_matches(name, PASS_NAMES, n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
-            raise ConfigError(
-                f"option {key!r}: unknown pass {name!r}; passes are {', '.join(PASS_NAMES)}, or 'all'{hint}"
-            )
-    return tuple(value)
+    if name in PASS_NAMES:
+        return
+    valid = PASS_NAMES + words
+    near = difflib.get_close_matches(name, valid, n=1)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    raise ConfigError(f"option {key!r}: unknown pass {name!r}; valid names are {', '.join(valid)}{hint}")
+
+
+def _optional_pass(key: str, value: Any, from_env: bool) -> str | None:
+    if value is None or (from_env and value == ""):
+        return None
+    if not isinstance(value, str):
+        raise _bad(key, value, "a pass name or None")
+    _check_pass(key, value)
+    return value
+
+
+def _bisect_limit(key: str, value: Any, from_env: bool) -> int | None:
+    if value is None or (from_env and value == ""):
+        return None
+    if from_env and isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _bad(key, value, "None (run every step) or a number of optional steps to run, 0 or more")
+    return value
+
+
+def _extra_passes(key: str, value: Any, from_env: bool) -> tuple[tuple[str, str], ...]:
+    """[{"after": PASS, "pass": "module:function"}], or 'PASS=SPEC;PASS=SPEC'."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"option {key!r}: cannot read {text!r} as JSON: {e}") from None
+        else:
+            value = [p.split("=", 1) for p in text.split(";") if p.strip()]
+    expected = 'a list like [{"after": "lower_host", "pass": "my_module:my_pass"}]'
+    if not isinstance(value, (list, tuple)):
+        raise _bad(key, value, expected)
+    out = []
+    for entry in value:
+        if isinstance(entry, (list, tuple)) and len(entry) == 2:
+            entry = {"after": entry[0], "pass": entry[1]}
+        if not (isinstance(entry, Mapping) and set(entry) == {"after", "pass"}):
+            raise _bad(key, entry, expected)
+        after, spec = entry["after"], entry["pass"]
+        if not (isinstance(spec, str) and ":" in spec):
+            raise _bad(key, spec, "'package.module:function' or 'path/to/file.py:function'")
+        _check_pass(key, str(after))
+        out.append((str(after), spec))
+    return tuple(out)
 
 
 def _place(key: str, value: Any, from_env: bool) -> tuple[PlaceRule, ...]:
@@ -297,6 +426,53 @@ def _place_from_text(key: str, text: str) -> Any:
     return rules
 
 
+_EP_KEYS = ("group", "placement", "hierarchical", "timeout")
+
+
+def _expert_parallel(key: str, value: Any, from_env: bool) -> ExpertParallel | None:
+    """False/None = off; True = on with defaults; or a dict of ExpertParallel's fields (JSON in the env)."""
+    if isinstance(value, ExpertParallel) or value is None:
+        return value
+    if from_env and isinstance(value, str) and value.strip().startswith("{"):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"option {key!r}: cannot read {value!r} as JSON: {e}") from None
+    if not isinstance(value, Mapping):
+        try:
+            return ExpertParallel() if _bool(key, value, from_env) else None
+        except ConfigError:
+            raise _bad(key, value, "True, False, or a dict with the keys " + ", ".join(_EP_KEYS)) from None
+    for k in value:
+        if k not in _EP_KEYS:
+            near = difflib.get_close_matches(str(k), _EP_KEYS, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"option {key!r}: unknown key {k!r}; the keys are {', '.join(_EP_KEYS)}{hint}")
+    group = value.get("group")
+    if group is not None:
+        import torch.distributed as dist
+
+        if not isinstance(group, dist.ProcessGroup):
+            raise _bad(f"{key}.group", group, "a torch.distributed ProcessGroup (given through options=)")
+    placement = value.get("placement", "uniform")
+    if isinstance(placement, str):
+        placement = _choice("uniform")(f"{key}.placement", placement, from_env)
+    elif not (hasattr(placement, "replicas") and hasattr(placement, "experts_of")):
+        raise _bad(f"{key}.placement", placement, "'uniform' or a hetero.parallel.Placement")
+    hierarchical = value.get("hierarchical", 0) or 0  # False and None: flat
+    if (
+        isinstance(hierarchical, bool)
+        or not isinstance(hierarchical, int)
+        or hierarchical in (1,)
+        or hierarchical < 0
+    ):
+        raise _bad(f"{key}.hierarchical", hierarchical, "ranks per node (a whole number >= 2), or 0 (flat)")
+    timeout = value.get("timeout", 60.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise _bad(f"{key}.timeout", timeout, "seconds a collective may wait, a number > 0")
+    return ExpertParallel(group, placement, hierarchical, float(timeout))
+
+
 _FIELDS: dict[str, _Field] = {
     "accel": _Field(
         _choice("auto", "cuda", "cpu"), "device of the accel role: 'auto' = cuda if available, else cpu"
@@ -323,8 +499,22 @@ _FIELDS: dict[str, _Field] = {
     ),
     "strict": _Field(_bool, "turn every fallback into an error"),
     "print_before": _Field(_names, "print the graph before these passes ('all' for every pass)"),
-    "print_after": _Field(_names, "print the graph after these passes ('all' for every pass)"),
+    "print_after": _Field(
+        _names,
+        "print the graph after these passes ('all' for every pass, 'changed' for those that changed it)",
+    ),
     "verify_each": _Field(_bool, "check the graph's invariants after every pass"),
+    "disable_pass": _Field(_disabled, "skip these optional passes (split_batch, fuse_accel, ...)"),
+    "stop_after": _Field(
+        _optional_pass, "debug: stop the pipeline after this pass; the graph then runs as captured"
+    ),
+    "bisect_limit": _Field(
+        _bisect_limit, "debug: run only the first N optional steps (rewrites or passes), log each on stderr"
+    ),
+    "extra_passes": _Field(
+        _extra_passes,
+        'user passes [{"after": PASS, "pass": "module:function"}]; function(gm, ctx) -> PassResult',
+    ),
     "schedule": _Field(
         _choice("pipelined", "sequential"),
         "'pipelined' = each stream on its own worker, tasks overlap; 'sequential' = one task at a time",
@@ -336,6 +526,11 @@ _FIELDS: dict[str, _Field] = {
     ),
     "inject_fault": _Field(
         _optional_name, "debug: make this accel task raise on every run, to test the host fallback"
+    ),
+    "expert_parallel": _Field(
+        _expert_parallel,
+        "shard MoE experts across torch.distributed ranks: True, or {'group', 'placement', "
+        "'hierarchical', 'timeout'}",
     ),
 }
 assert set(_FIELDS) == {f.name for f in dataclasses.fields(HeteroConfig)}

@@ -9,7 +9,8 @@
         summary.json           the report (same dict as hetero.explain(...).to_dict())
         schedule.json          the Schedule the runtime executes (streams, tasks, events)
         timeline.json          the latest call's tasks per stream (Chrome trace format: open in Perfetto)
-        graph.dot / graph.svg  partitions and transfers (svg when Graphviz's `dot` is installed)
+        graph.json             the partitioned graph as data (compiler/graph_data.py)
+        graph.dot / graph.svg  its picture, one box per layer region (svg when Graphviz's `dot` is installed)
 
 hetero never deletes or overwrites a user's files: it writes only into a folder it created
 (marked) or an empty one, and each graph gets the next numbered subfolder
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import warnings
 from pathlib import Path
@@ -31,22 +31,34 @@ from hetero.compiler.errors import HeteroError
 MARKER = ".hetero-dumps"
 
 
+def claim(root: Path, what: str) -> Path:
+    """Make `root` hetero's folder: new, empty, or marked by an earlier hetero run; else refuse."""
+    if root.exists() and not root.is_dir():
+        raise HeteroError(f"{what} {str(root)!r} exists and is not a folder")
+    if root.is_dir() and any(root.iterdir()) and not (root / MARKER).exists():
+        raise HeteroError(
+            f"{what} {str(root)!r} is not empty and was not created by hetero; "
+            "hetero will not write among your files. Choose a new or empty folder."
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER).touch()
+    return root
+
+
+def graph_folders(path: Path) -> list[Path]:
+    """The graph dump folders at `path`: itself when it holds summary.json, else its numbered subfolders."""
+    if (path / "summary.json").exists():
+        return [path]
+    return sorted(p for p in path.iterdir() if p.is_dir() and re.match(r"^\d+-", p.name))
+
+
 class DumpFolder:
     def __init__(self, path: Path) -> None:
         self.path = path
 
     @classmethod
     def create(cls, dump_dir: str, graph_name: str) -> DumpFolder:
-        root = Path(dump_dir)
-        if root.exists() and not root.is_dir():
-            raise HeteroError(f"dump_dir {str(root)!r} exists and is not a folder")
-        if root.is_dir() and any(root.iterdir()) and not (root / MARKER).exists():
-            raise HeteroError(
-                f"dump_dir {str(root)!r} is not empty and was not created by hetero; "
-                "hetero will not write among your files. Choose a new or empty folder."
-            )
-        root.mkdir(parents=True, exist_ok=True)
-        (root / MARKER).touch()
+        root = claim(Path(dump_dir), "dump_dir")
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", graph_name)
         # Numbered in creation order across runs: the next number after the highest one present.
         taken = [int(p.name.split("-", 1)[0]) for p in root.iterdir() if re.match(r"^\d+-", p.name)]
@@ -69,16 +81,13 @@ class DumpFolder:
 
     def write_dot(self, name: str, dot_text: str) -> None:
         """graph.dot always; graph.svg too when Graphviz's `dot` is on PATH."""
+        from hetero.viz import render_svg
+
         dot_path = self.write_text(name, dot_text)
-        dot = shutil.which("dot")
-        if dot is None:
-            return
         try:
-            subprocess.run(
-                [dot, "-Tsvg", str(dot_path), "-o", str(dot_path.with_suffix(".svg"))],
-                check=True,
-                capture_output=True,
-                timeout=60,
-            )
-        except (subprocess.SubprocessError, OSError) as e:
+            svg = render_svg(dot_text)
+        except (RuntimeError, subprocess.SubprocessError, OSError) as e:
             warnings.warn(f"hetero: rendering {dot_path} to SVG failed: {e}", stacklevel=2)
+            return
+        if svg is not None:
+            self.write_text(dot_path.with_suffix(".svg").name, svg)

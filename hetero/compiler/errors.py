@@ -33,5 +33,9 @@ class PassError(HeteroError):
         self.pass_name = pass_name
 
 
+class CollectiveError(HeteroError):
+    """A torch.distributed exchange failed or timed out (expert_parallel): which layer, which rank, why."""
+
+
 class TargetError(HeteroError):
     """A CLI TARGET (zoo:NAME or path/to/file.py:factory) could not be loaded."""

@@ -21,6 +21,13 @@ def explain(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> Rep
     several graphs (graph breaks), the report covers all of them and lists the breaks. explain
     leaves the model as it was: unless asked, it does not free weights host kernels prepacked.
     """
+    return compile_and_run(model, *example_inputs, **options)[0]
+
+
+def compile_and_run(
+    model: torch.nn.Module, *example_inputs: Any, calls: int = 1, **options: Any
+) -> tuple[Report, Any]:
+    """explain(), also returning the compiled model's output of its last call (`calls` calls in all)."""
     options = {"release_weights": False, **options}
     HeteroConfig.build(options)  # bad options fail here, before any compile work
     from torch._dynamo.utils import counters
@@ -29,7 +36,8 @@ def explain(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> Rep
     compiled = torch.compile(model, backend=functools.partial(hetero_backend, options=options))
     with collect_reports() as reports, torch.no_grad():
         try:
-            compiled(*example_inputs)
+            for _ in range(calls):
+                output = compiled(*example_inputs)
         except Exception as e:
             cause = _hetero_cause(e)
             if cause is None:
@@ -44,7 +52,7 @@ def explain(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> Rep
     breaks = [{"reason": reason, "count": n} for reason, n in new_breaks.most_common()]
     report = Report.merge(reports, breaks)
     report.fallbacks += _experts_no_graph_held(model, reports, breaks)
-    return report
+    return report, output
 
 
 def _experts_no_graph_held(

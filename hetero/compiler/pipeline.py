@@ -1,12 +1,24 @@
 """The pass pipeline: passes listed as data, run by one runner.
 
 The runner alone owns timing, printing (print_before / print_after), dumping (one numbered text
-file per pass), verification (verify_each: each pass module's `check`) and error wrapping (any
-exception becomes a PassError naming the pass). Passes never call passes.
+file per pass), verification (verify_each: each pass module's `check`), error wrapping (any
+exception becomes a PassError naming the pass) and the debugging controls: disable_pass,
+stop_after, bisect_limit and user passes (extra_passes). Passes never call passes.
+
+Bisecting, as LLVM's -opt-bisect-limit: every optional step of a compile gets a number, counted
+per compiled graph. A step is one rewrite in passes that count their own (they ask `ctx.allow`
+before each one, e.g. each fusion of fuse_accel) and one whole run of any other optional pass.
+With bisect_limit=N, steps past N are skipped and each step is logged on stderr as
+
+    BISECT: running step (3) fuse_accel: mla_preprocess of model.layers.0.self_attn
+    BISECT: NOT running step (4) lower_host: the whole pass
+
+Required passes (those the runtime needs: a placed, partitioned, scheduled graph) always run.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import sys
 import time
@@ -37,6 +49,9 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "schedule",
 )
 PASS_NAMES: tuple[str, ...] = DEFAULT_PIPELINE
+# The runtime cannot run a graph without these; the rest may be disabled or bisected away.
+REQUIRED_PASSES: frozenset[str] = frozenset({"analyze_cost", "place", "partition", "schedule"})
+OPTIONAL_PASSES: tuple[str, ...] = tuple(n for n in PASS_NAMES if n not in REQUIRED_PASSES)
 
 
 @dataclass(frozen=True)
@@ -90,6 +105,33 @@ class Diagnostics:
         self.fallbacks.append(record)
 
 
+@dataclass(frozen=True)
+class BisectStep:
+    number: int
+    pass_name: str
+    what: str
+    ran: bool
+
+
+class Bisect:
+    """Numbers the optional steps of one compile and skips those past `limit` (None: run all)."""
+
+    def __init__(self, limit: int | None, log: TextIO | None = None) -> None:
+        self.limit = limit
+        self.log = log
+        self.steps: list[BisectStep] = []
+
+    def allow(self, pass_name: str, what: str) -> bool:
+        number = len(self.steps) + 1
+        ran = self.limit is None or number <= self.limit
+        self.steps.append(BisectStep(number, pass_name, what, ran))
+        if self.limit is not None:
+            (self.log or sys.stderr).write(
+                f"BISECT: {'running' if ran else 'NOT running'} step ({number}) {pass_name}: {what}\n"
+            )
+        return ran
+
+
 @dataclass
 class PassContext:
     config: HeteroConfig
@@ -98,6 +140,12 @@ class PassContext:
     graph_name: str = "graph"
     # Real values of parameter inputs, for the few decisions that need them (compiler/weights.py).
     params: ParamValues = field(default_factory=ParamValues)
+    bisect: Bisect | None = None  # made by the runner from config.bisect_limit
+    current_pass: str = ""
+
+    def allow(self, what: str) -> bool:
+        """Passes that count their own bisect steps ask this before each rewrite; False: skip it."""
+        return self.bisect is None or self.bisect.allow(self.current_pass, what)
 
 
 @dataclass(frozen=True)
@@ -106,69 +154,159 @@ class PassRecord:
     ms: float
     changed: bool
     stats: Mapping[str, int]
+    skipped: str | None = None  # why the pass did not run: "disabled", "bisect"
 
     def to_dict(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "name": self.name,
             "ms": round(self.ms, 3),
             "changed": self.changed,
             "stats": dict(self.stats),
         }
+        if self.skipped:
+            out["skipped"] = self.skipped
+        return out
 
 
 Pass = Callable[[fx.GraphModule, PassContext], PassResult]
+Check = Callable[[fx.GraphModule, PassContext], None]
 
 
-def get_pass(name: str) -> tuple[Pass, Callable[[fx.GraphModule, PassContext], None] | None]:
-    """The pass function `hetero.passes.<name>.<name>` and its optional invariant `check`."""
+@dataclass(frozen=True)
+class PassSpec:
+    """One entry of a pipeline: a built-in pass (hetero.passes.<name>) or a user's pass."""
+
+    name: str
+    run: Pass
+    check: Check | None
+    required: bool
+    counts_rewrites: bool  # asks ctx.allow before each rewrite (else one bisect step per run)
+    doc: str
+
+
+def get_pass(name: str) -> PassSpec:
+    """The built-in pass `hetero.passes.<name>.<name>`, with its optional invariant `check`."""
     if name not in PASS_NAMES:
-        raise HeteroError(f"unknown pass {name!r}; passes are {', '.join(PASS_NAMES)}")
+        near = difflib.get_close_matches(name, PASS_NAMES, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise HeteroError(f"unknown pass {name!r}; passes are {', '.join(PASS_NAMES)}{hint}")
     module = importlib.import_module(f"hetero.passes.{name}")
-    return getattr(module, name), getattr(module, "check", None)
+    return PassSpec(
+        name,
+        getattr(module, name),
+        getattr(module, "check", None),
+        name in REQUIRED_PASSES,
+        getattr(module, "COUNTS_REWRITES", False),
+        _first_line(module.__doc__).removeprefix(f"{name}: "),
+    )
+
+
+def user_pass(spec: str) -> PassSpec:
+    """A user's pass from 'package.module:function' or 'path/to/file.py:function'.
+
+    It is called as function(gm, ctx) and returns a PassResult, like the built-in passes; it is
+    optional (one bisect step) unless it asks ctx.allow itself.
+    """
+    from hetero.targets import load_callable
+
+    fn = load_callable(spec, "pass")
+    return PassSpec(
+        getattr(fn, "__name__", spec),
+        fn,
+        getattr(fn, "check", None),
+        False,
+        getattr(fn, "counts_rewrites", False),
+        _first_line(fn.__doc__) or f"user pass {spec}",
+    )
+
+
+def pipeline_for(config: HeteroConfig) -> list[PassSpec]:
+    """The default pipeline with the config's extra passes inserted after their anchors."""
+    specs = [get_pass(name) for name in DEFAULT_PIPELINE]
+    for after, spec in reversed(config.extra_passes):
+        at = next(i for i, s in enumerate(specs) if s.name == after)
+        specs.insert(at + 1, user_pass(spec))
+    return specs
 
 
 def run_pipeline(
     gm: fx.GraphModule,
     ctx: PassContext,
-    pipeline: Sequence[str] = DEFAULT_PIPELINE,
+    pipeline: Sequence[str | PassSpec] = DEFAULT_PIPELINE,
     dump: DumpFolder | None = None,
     out: TextIO | None = None,
 ) -> tuple[fx.GraphModule, list[PassRecord]]:
     out = out or sys.stdout
     config = ctx.config
+    specs = [p if isinstance(p, PassSpec) else get_pass(p) for p in pipeline]
+    names = [s.name for s in specs]
+    if config.stop_after is not None and config.stop_after not in names:
+        raise HeteroError(
+            f"stop_after={config.stop_after!r} names no pass of this pipeline ({', '.join(names)})"
+        )
+    if ctx.bisect is None:
+        ctx.bisect = Bisect(config.bisect_limit)
     records: list[PassRecord] = []
     _instrument("dump", _dump, dump, "00_input.txt", gm)
-    for index, name in enumerate(pipeline, start=1):
-        fn, check = get_pass(name)
+    for index, spec in enumerate(specs, start=1):
+        name = spec.name
+        skipped = _skip_reason(spec, ctx)
+        if skipped is not None:
+            records.append(PassRecord(name, 0.0, False, {}, skipped=skipped))
+            _instrument("dump", _dump, dump, f"{index:02d}_{name}.txt", gm, f"# skipped: {skipped}\n")
+            if _selected(name, config.print_after):
+                header = f"# hetero: {ctx.graph_name} after {name} (skipped: {skipped})"
+                _instrument("print", _print, out, header, gm)
+            continue
         if _selected(name, config.print_before):
             _instrument("print", _print, out, f"# hetero: {ctx.graph_name} before {name}", gm)
+        ctx.current_pass = name
         start = time.perf_counter()
         try:
-            result = fn(gm, ctx)
-            if config.verify_each and check is not None:
-                check(result.gm, ctx)
+            result = spec.run(gm, ctx)
+            if not isinstance(result, PassResult):
+                raise HeteroError(f"returned {type(result).__name__}; a pass returns a PassResult")
+            if config.verify_each and spec.check is not None:
+                spec.check(result.gm, ctx)
         except FallbackError:
             raise
         except HeteroError as e:
             raise e if str(e).startswith(f"[{name}]") else PassError(name, str(e)) from e
         except Exception as e:
             raise PassError(name, f"{type(e).__name__}: {e}") from e
+        finally:
+            ctx.current_pass = ""
         ms = (time.perf_counter() - start) * 1000
         gm = result.gm
         records.append(PassRecord(name, ms, result.changed, dict(result.stats)))
         _instrument("dump", _dump, dump, f"{index:02d}_{name}.txt", gm)
-        if _selected(name, config.print_after):
+        if _selected(name, config.print_after) or ("changed" in config.print_after and result.changed):
             _instrument("print", _print, out, f"# hetero: {ctx.graph_name} after {name}", gm)
+        if name == config.stop_after:
+            break
     return gm, records
+
+
+def _skip_reason(spec: PassSpec, ctx: PassContext) -> str | None:
+    if spec.name in ctx.config.disable_pass:
+        return "disabled"
+    if not spec.required and not spec.counts_rewrites and ctx.bisect is not None:
+        if not ctx.bisect.allow(spec.name, "the whole pass"):
+            return "bisect"
+    return None
+
+
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().split("\n", 1)[0].rstrip(".")
 
 
 def _selected(name: str, names: tuple[str, ...]) -> bool:
     return name in names or "all" in names
 
 
-def _dump(dump: DumpFolder | None, filename: str, gm: fx.GraphModule) -> None:
+def _dump(dump: DumpFolder | None, filename: str, gm: fx.GraphModule, header: str = "") -> None:
     if dump is not None:
-        dump.write_text(filename, format_graph(gm))
+        dump.write_text(filename, header + format_graph(gm))
 
 
 def _print(out: TextIO, header: str, gm: fx.GraphModule) -> None:

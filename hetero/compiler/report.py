@@ -2,7 +2,7 @@
 
     {"graph": str, "accel": "cuda"|"cpu", "mode": "inference"|"autograd", "pipeline": [str],
      "passes": [{"name", "ms", "changed", "stats"}],
-     "partitions": [{"id", "role", "device", "nodes", "param_bytes", "compiler"}],
+     "partitions": [{"id", "role", "device", "nodes", "param_bytes", "compiler", "lowering", "regions"}],
      "regions": [{"kind", "module", "role", "lowering", "param_bytes", "nodes", "placed_by"}],
      "transfers": [{"src", "dst", "bytes", "kind", "value", "src_role", "dst_role"}],
      "fallbacks": [{"node", "op", "module", "reason"}],
@@ -11,7 +11,8 @@
      "host_kernels": [{"region", "kind", "backend", "dtype", "experts" | "linears", "packed_bytes"}],
      "released_weight_bytes": int,          # the model's copies of prepacked weights, freed
      "runtime_fallbacks": {task: int},      # accel tasks that raised and now run on the host
-     "schedule": {"mode", "micro_batches", "streams", "predicted_us": {"sequential", "pipelined"}}}
+     "schedule": {"mode", "micro_batches", "streams", "predicted_us": {"sequential", "pipelined"}},
+     "bisect_steps": [{"number", "pass_name", "what", "ran"}]}   # see bisect_limit
 
 In "transfers", src and dst are partition ids; -1 stands for the graph's inputs (src) or outputs
 (dst). A region split across roles appears once per role.
@@ -51,6 +52,7 @@ class Report:
     released_weight_bytes: int = 0  # the model's copies of weights now held by host kernels, freed
     runtime_fallbacks: dict[str, int] = field(default_factory=dict)  # accel task -> faults re-run on host
     schedule: dict[str, Any] = field(default_factory=dict)  # streams, micro-batches, predicted times
+    bisect_steps: list[dict[str, Any]] = field(default_factory=list)  # optional steps, numbered
     dump: str | None = None
     graphs: list[Report] = field(default_factory=list)  # set when one call compiled several graphs
     graph_breaks: list[dict[str, Any]] = field(default_factory=list)
@@ -87,11 +89,7 @@ class Report:
     # Text for people.
 
     def placement_table(self) -> str:
-        rows = [
-            [r["kind"], r["module"], r["role"], format_bytes(r["param_bytes"]), r["lowering"], r["placed_by"]]
-            for r in self.regions
-        ]
-        return _table(["kind", "module", "role", "params", "lowering", "decided by"], rows)
+        return _table(REGION_HEADERS, [region_row(r) for r in self.regions])
 
     def format(self) -> str:
         lines = [f"graph {self.graph}: accel={self.accel}, mode={self.mode}"]
@@ -114,11 +112,8 @@ class Report:
         lines = ["passes: " + ", ".join(f"{p['name']} {p['ms']:.1f} ms" for p in self.passes)]
         lines.append("\nregions:")
         lines.append(self.placement_table())
-        rows = [
-            [p["id"], p["role"], p["device"], p["nodes"], format_bytes(p["param_bytes"]), p["compiler"]]
-            for p in self.partitions
-        ]
-        lines += ["\npartitions:", _table(["id", "role", "device", "nodes", "params", "compiler"], rows)]
+        rows = [partition_row(p) for p in self.partitions]
+        lines += ["\npartitions:", _table(PARTITION_HEADERS, rows)]
         rows = [
             [
                 _end(t["src"], "inputs"),
@@ -144,10 +139,11 @@ class Report:
         if self.budget:
             b = self.budget
             limit = "no limit" if b["accel_memory_budget"] is None else format_bytes(b["accel_memory_budget"])
-            lines.append(
-                f"\nparameters: accel {format_bytes(b['accel_param_bytes'])} (budget {limit}), "
-                f"host {format_bytes(b['host_param_bytes'])}"
-            )
+            rows = [
+                ["accel", format_bytes(b["accel_param_bytes"]), limit],
+                ["host", format_bytes(b["host_param_bytes"]), "-"],
+            ]
+            lines += ["\nparameters (memory budget):", _table(["role", "params", "budget"], rows)]
             for m in b["moved"]:
                 lines.append(f"  moved to host to fit the budget: {m['module']} ({format_bytes(m['bytes'])})")
         lines.append(f"\nhost ISA (oneDNN): {self.host_isa}")
@@ -164,6 +160,27 @@ class Report:
         lines.append("\nfallbacks:" + ("" if self.fallbacks else " none"))
         lines += [f"  {f['node']} ({f['op']}, {f['module']}): {f['reason']}" for f in self.fallbacks]
         return lines
+
+
+REGION_HEADERS = ["kind", "module", "role", "params", "lowering", "decided by"]
+PARTITION_HEADERS = ["id", "role", "device", "ops", "params", "compiler", "kernels", "regions"]
+
+
+def region_row(r: dict[str, Any]) -> list[Any]:
+    return [r["kind"], r["module"], r["role"], format_bytes(r["param_bytes"]), r["lowering"], r["placed_by"]]
+
+
+def partition_row(p: dict[str, Any]) -> list[Any]:
+    return [
+        p["id"],
+        p["role"],
+        p["device"],
+        p["nodes"],
+        format_bytes(p["param_bytes"]),
+        p["compiler"],
+        p.get("lowering", "-"),
+        ", ".join(p.get("regions", [])),
+    ]
 
 
 def build_report(
@@ -194,6 +211,7 @@ def build_report(
             part_of[node] = info.id
             inner = [n for n in getattr(gm, node.target).graph.nodes if n.op == "call_function"]
             params = {p for n in inner if meta.cost(n) for p in meta.cost(n).params}
+            kernels = {str(n.meta[meta.LOWERING]).split()[0] for n in inner if meta.LOWERING in n.meta}
             report.partitions.append(
                 {
                     "id": info.id,
@@ -202,6 +220,8 @@ def build_report(
                     "nodes": len(inner),
                     "param_bytes": sum(sizes[p] for p in params),
                     "compiler": compilers[node.target],
+                    "lowering": _lowering(kernels | {compilers[node.target]}),
+                    "regions": sorted({meta.region(n).kind for n in inner if meta.region(n) is not None}),
                 }
             )
             for n in inner:
@@ -209,7 +229,7 @@ def build_report(
                     kernel = n.meta.get(meta.LOWERING)
                     lowering = kernel.backend if kernel is not None else compilers[node.target]
                     region_nodes[(meta.region(n), info.role)].append((n, lowering))
-        elif node.op == "call_function" and node.target is operator.getitem:
+        elif node.op == "call_function" and node.target is operator.getitem and node.args[0] in part_of:
             part_of[node] = part_of[node.args[0]]
     for (region, role), members in region_nodes.items():
         params = {p for n, _ in members if meta.cost(n) for p in meta.cost(n).params}

@@ -171,6 +171,11 @@ def _rewrite_moe_experts(gm: fx.GraphModule, ctx: PassContext) -> int:
                 if meta.region(n) == region:
                     n.meta[meta.UNLOWERED] = found.reason
             continue
+        if not ctx.allow(f"hetero.moe_experts for {region.module}"):
+            for n in gm.graph.nodes:
+                if meta.region(n) == region:
+                    n.meta[meta.UNLOWERED] = "skipped by bisect_limit"
+            continue
         _replace(gm, found)
         fired += 1
     return fired
@@ -224,4 +229,5 @@ def _view_of(param: fx.Node, spec: tuple[object, ...]) -> tuple[object, tuple[ob
     return aten.slice.Tensor, (param, 1, spec[1], value.shape[1], 2), value[:, spec[1] :: 2]
 
 
+COUNTS_REWRITES = True  # each recognised MoE layer is one bisect step (ctx.allow)
 REWRITES: tuple[Rewrite, ...] = (Rewrite("moe_experts_subgraph => hetero.moe_experts", _rewrite_moe_experts),)

@@ -65,8 +65,12 @@ class AccelKernel:
 @dataclass(frozen=True)
 class Rewrite:
     name: str
-    # (partition graph, where to record unfused candidates) -> kernels emitted, by op
-    apply: Callable[[fx.GraphModule, list[Unfused]], Counter[str]]
+    # (partition graph, where to record unfused candidates, bisect's permission per fusion)
+    #   -> kernels emitted, by op
+    apply: Callable[[fx.GraphModule, list[Unfused], Callable[[str], bool]], Counter[str]]
+
+
+COUNTS_REWRITES = True  # each fusion is one bisect step (ctx.allow)
 
 
 def fuse_accel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -77,7 +81,7 @@ def fuse_accel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             continue
         sub = getattr(gm, call.target)
         for rewrite in REWRITES:
-            kernels = rewrite.apply(sub, unfused)
+            kernels = rewrite.apply(sub, unfused, ctx.allow)
             stats[f"rewrites.{rewrite.name}"] += kernels.pop("fired", 0)
             cache_writes = kernels.pop("kv_cache_writes", 0)
             stats.update({f"kernels.{k}": n for k, n in kernels.items()})
@@ -159,11 +163,13 @@ def _fake_run(target: object, args: tuple[object, ...]) -> object:
 # The MLA prologue
 
 
-def _fuse_mla(sub: fx.GraphModule, unfused: list[Unfused]) -> Counter[str]:
+def _fuse_mla(sub: fx.GraphModule, unfused: list[Unfused], allow: Callable[[str], bool]) -> Counter[str]:
     found, rejected = find_mla(sub.graph)
     unfused.extend(rejected)
     kernels: Counter[str] = Counter()
     for match in found:
+        if not allow(f"mla_preprocess of {match.module}"):
+            continue
         region = Region("mla_preprocess", match.module)
         _fuse_norms(sub.graph, match, region)
         kernels["mla_norms" if match.q_norm is not None else "rmsnorm"] += 1
@@ -237,11 +243,13 @@ def _emit_tables(emit: _Emitter, rope: Rope) -> tuple[fx.Node, fx.Node]:
 # Small-op fusions
 
 
-def _fuse_add_rmsnorm(sub: fx.GraphModule, unfused: list[Unfused]) -> Counter[str]:
+def _fuse_add_rmsnorm(
+    sub: fx.GraphModule, unfused: list[Unfused], allow: Callable[[str], bool]
+) -> Counter[str]:
     kernels: Counter[str] = Counter()
     for norm in find_rmsnorms(sub.graph):
         parts = _residual_add(norm)
-        if parts is None:
+        if parts is None or not allow(f"add_rmsnorm at %{norm.out.name} ({_where(norm.out)})"):
             continue
         emit = _Emitter(
             sub.graph, norm.out, meta.region(norm.out), f"residual add + RMSNorm %{norm.out.name}"
@@ -267,7 +275,7 @@ def _residual_add(norm: NormMatch) -> tuple[fx.Node, fx.Node] | None:
     return a, b
 
 
-def _fuse_silu_mul(sub: fx.GraphModule, unfused: list[Unfused]) -> Counter[str]:
+def _fuse_silu_mul(sub: fx.GraphModule, unfused: list[Unfused], allow: Callable[[str], bool]) -> Counter[str]:
     kernels: Counter[str] = Counter()
     for mul in list(sub.graph.find_nodes(op="call_function", target=_aten.mul.Tensor)):
         args = mul.args
@@ -279,10 +287,16 @@ def _fuse_silu_mul(sub: fx.GraphModule, unfused: list[Unfused]) -> Counter[str]:
             continue
         if meta.val(silu).shape != meta.val(mul).shape or meta.val(up).dtype != meta.val(silu).dtype:
             continue
+        if not allow(f"silu_mul at %{mul.name} ({_where(mul)})"):
+            continue
         emit = _Emitter(sub.graph, mul, meta.region(mul), f"silu(gate) * up %{mul.name}")
         mul.replace_all_uses_with(emit(_hetero.silu_mul.default, (silu.args[0], up), "silu_mul"))
         kernels.update({"silu_mul": 1, "fired": 1})
     return kernels
+
+
+def _where(node: fx.Node) -> str:
+    return meta.module_path(node) or "<top>"
 
 
 def _stable_sort(graph: fx.Graph) -> None:

@@ -12,6 +12,11 @@ weights once, prepacks them and binds the handle. Weight inputs nothing else rea
 partition and the top-level graph, so no weight is copied per call or kept twice. A host `moe`
 region that stays unlowered is recorded as a fallback with its reason.
 
+With options={"expert_parallel": ...} (ctx.target.expert_parallel_ranks > 0) a MoE op becomes
+`hetero.ep_moe(hidden, ids, weights, -1)` instead: the same HostKernel plan, with `ranks` and the
+option, and the backend keeps and prepacks only this rank's experts (hetero.parallel). MoE experts
+that stay on the accel role, or unlowered, run whole on every rank: recorded as a fallback.
+
     before:  %moe_experts = hetero.moe_experts(%reshape, %ids, %w, [%slice], [%slice_1], [%arg27_1], 'silu')
              %addmm = aten.addmm(%b0, %view, %t)   %addmm_1 = aten.addmm(%b1, %view_1, %t_1)
     after:   %host_moe = hetero.host_moe(%reshape, %ids, %w, -1)        # [onednn moe bf16, 8 experts]
@@ -21,7 +26,8 @@ region that stays unlowered is recorded as a fallback with its reason.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import fx
@@ -43,6 +49,8 @@ class HostKernel:
     params: tuple[str, ...]  # top-level placeholders of the weights, in the recipe's input order
     recipe: fx.GraphModule  # (*params) -> the kernel's weights: (gate, up, down) lists, or (weights, biases)
     experts: int  # experts of a MoE kernel, linears fused into a linear kernel
+    ranks: int = 0  # MoE: ranks its experts are sharded across (expert_parallel); 0: all on this host
+    parallel: Any = None  # MoE with ranks: the ExpertParallel option (group, placement, timeout)
 
     def __str__(self) -> str:
         unit = "experts" if self.kind == "moe" else "fused"
@@ -52,8 +60,11 @@ class HostKernel:
 def lower_host(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     lowered = linears = 0
     unlowered: dict[meta.Region, str] = {}
+    ranks = ctx.target.expert_parallel_ranks
     for call in [n for n in gm.graph.nodes if n.op == "call_module" and meta.partition(n)]:
         if meta.partition(call).role != "host":
+            if ranks:
+                _record_local_experts(getattr(gm, call.target), ctx)
             continue
         sub = getattr(gm, call.target)
         for node in [n for n in sub.graph.nodes if n.target is torch.ops.hetero.moe_experts.default]:
@@ -61,6 +72,9 @@ def lower_host(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             if isinstance(kernel, str):
                 unlowered[meta.region(node)] = kernel
                 continue
+            if ranks:
+                backend = f"{kernel.backend} (expert-parallel over {ranks} ranks)"
+                kernel = replace(kernel, backend=backend, ranks=ranks, parallel=ctx.config.expert_parallel)
             _swap(sub, node, kernel)
             lowered += 1
         linears += _lower_linears(sub, call, ctx)
@@ -74,12 +88,15 @@ def lower_host(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             "lower_host",
             str(region),
             f"MoE experts not lowered to a host kernel ({reason}); they run their own code through "
-            f"{ctx.config.partition_compiler}",
+            f"{ctx.config.partition_compiler}"
+            + (", all experts on every rank (not expert-parallel)" if ranks else ""),
             hint="call hetero.ops.moe_experts(hidden, topk_ids, topk_weights, experts) in the model",
         )
     gm.graph.eliminate_dead_code()
     gm.recompile()
     stats = {"lowered.moe": lowered, "unlowered.moe": len(unlowered), "lowered.linear_groups": linears}
+    if ranks:
+        stats["expert_parallel.moe"] = lowered
     return PassResult(gm, changed=bool(lowered or linears), stats=stats)
 
 
@@ -154,11 +171,26 @@ def _plan(node: fx.Node, sub: fx.GraphModule, call: fx.Node, ctx: PassContext) -
     return HostKernel("moe", "onednn", dtype, names, graph, experts)
 
 
+def _record_local_experts(sub: fx.GraphModule, ctx: PassContext) -> None:
+    for node in sub.graph.nodes:
+        if node.target is torch.ops.hetero.moe_experts.default:
+            ctx.diagnostics.fallback(
+                "lower_host",
+                node,
+                "expert_parallel is on but these MoE experts are placed on accel; every rank runs all "
+                "of them",
+                hint='options={"place": [{"match": "experts", "role": "host"}]}',
+            )
+
+
 def _swap(sub: fx.GraphModule, node: fx.Node, kernel: HostKernel) -> None:
+    op, name = (
+        (torch.ops.hetero.ep_moe.default, "ep_moe")
+        if kernel.ranks
+        else (torch.ops.hetero.host_moe.default, "host_moe")
+    )
     with sub.graph.inserting_before(node):
-        lowered = sub.graph.create_node(
-            "call_function", torch.ops.hetero.host_moe.default, (*node.args[:3], -1), name="host_moe"
-        )
+        lowered = sub.graph.create_node("call_function", op, (*node.args[:3], -1), name=name)
     lowered.meta.update({k: v for k, v in node.meta.items() if k != meta.COST})
     lowered.meta[meta.COST] = meta.cost(node)
     lowered.meta[meta.LOWERING] = kernel
@@ -306,7 +338,7 @@ def check(gm: fx.GraphModule, ctx: PassContext) -> None:
             f"{call.target}: {len(inputs)} inputs, {len(call.args)} arguments"
         )
         for node in sub.graph.nodes:
-            if node.target is torch.ops.hetero.host_moe.default:
+            if node.target in (torch.ops.hetero.host_moe.default, torch.ops.hetero.ep_moe.default):
                 assert meta.partition(call).role == "host", (
                     f"host kernel %{node.name} outside a host partition"
                 )

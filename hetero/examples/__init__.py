@@ -1,0 +1,1 @@
+"""Runnable examples: `python -m hetero.examples.NAME` (or under torchrun, where they say so)."""
