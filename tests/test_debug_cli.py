@@ -356,3 +356,23 @@ def test_chromium_console_errors_are_caught(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert any("CONSOLE" in line and "boom" in line for line in run.stderr.splitlines()), run.stderr[-2000:]
+
+
+def test_without_graphviz_dot_is_written_and_the_command_says_how_to_get_svg(
+    runs: dict[str, tuple[int, str, Path]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import hetero.viz
+
+    real_which = shutil.which
+    monkeypatch.setattr(hetero.viz.shutil, "which", lambda name: None if name == "dot" else real_which(name))
+    graph_dir = next(runs["plain"][2].glob("0*"))
+    assert _main(["viz", str(graph_dir), "--out", str(tmp_path / "v")]) == 0
+    out = capsys.readouterr().out
+    assert "apt-get install graphviz" in out
+    written = sorted(p.name for p in (tmp_path / "v").iterdir())
+    assert written == [".hetero-dumps", "graph.dot", "report.html", "timeline.svg"]
+    html = (tmp_path / "v" / "report.html").read_text()
+    assert '<pre id="graph-dot">digraph' in html and "No SVG: Graphviz" in html
