@@ -28,6 +28,8 @@ from tests.passes_util import make_ctx
 ZOO = "zoo:deepseek-v3-tiny"
 FAST = ["-O", "accel=cpu", "-O", "partition_compiler=eager"]
 BROKEN = str(Path(__file__).with_name("broken_pass.py")) + ":fast_rsqrt"
+# Headless, console messages on stderr (as "CONSOLE(...)" lines), which the tests read.
+CHROMIUM = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0"]
 ARTIFACTS = Path(os.environ.get("HETERO_TEST_ARTIFACTS", Path(__file__).parents[1] / "test-artifacts"))
 
 
@@ -318,10 +320,7 @@ def test_viz_writes_four_files_and_the_report_renders_in_chromium(
     assert "http://" not in html.replace("http://www.w3.org", "") and "https://" not in html  # no network
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shot = ARTIFACTS / "report.png"
-    browser = [
-        "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-        "--enable-logging=stderr", "--v=0", "--window-size=1280,2000",
-    ]  # fmt: skip
+    browser = [*CHROMIUM, "--hide-scrollbars", "--window-size=1280,2000"]
     page = f"file://{out / 'report.html'}"
     dom = subprocess.run([*browser, "--dump-dom", page], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
@@ -351,10 +350,8 @@ def test_chromium_console_errors_are_caught(tmp_path: Path) -> None:
     page = tmp_path / "bad.html"
     page.write_text("<html><body><script>console.error('boom'); undefined_call();</script></body></html>")
     run = subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
-         "--dump-dom", f"file://{page}"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [*CHROMIUM, "--dump-dom", f"file://{page}"], capture_output=True, text=True, timeout=120
+    )
     assert any("CONSOLE" in line and "boom" in line for line in run.stderr.splitlines()), run.stderr[-2000:]
 
 

@@ -120,18 +120,8 @@ def compile_inference(
         params=list(weights.values()),
     )
     released = _release_weights(gm, values, host.weights, weights.values()) if config.release_weights else 0
-    report = build_report(
-        gm,
-        graph=name,
-        accel=target.accel,
-        pipeline=pass_names,
-        records=records,
-        fallbacks=diagnostics.fallbacks,
-        compilers=compilers,
-        dump=str(dump.path) if dump else None,
-    )
+    report = _pipeline_report(gm, ctx, pass_names, records, compilers, dump)
     report.host_kernels = host.kernels
-    report.bisect_steps = _bisect_steps(ctx)
     report.released_weight_bytes = released
     report.host_isa = _host_isa(host.kernels)
     report_box.append(report)
@@ -160,36 +150,46 @@ def _stopped(
     dump: DumpFolder | None,
 ) -> Callable[..., Any]:
     """stop_after: report and dump what the pipeline made so far; the model runs the captured graph."""
-    config, target, name, diagnostics = ctx.config, ctx.target, ctx.graph_name, ctx.diagnostics
-    diagnostics.fallback(
+    config = ctx.config
+    ctx.diagnostics.fallback(
         "backend",
         "<graph>",
         f"stop_after={config.stop_after!r}: the pipeline stopped after {config.stop_after}, so nothing "
         "was placed on devices; the graph runs as captured (ATen, eagerly, on the model's devices)",
         error=FallbackError,
     )
-    report = build_report(
-        gm,
-        graph=name,
-        accel=target.accel,
-        pipeline=pass_names,
-        records=records,
-        fallbacks=diagnostics.fallbacks,
-        compilers={n.target: "-" for n in gm.graph.nodes if n.op == "call_module"},
-        dump=str(dump.path) if dump else None,
-    )
-    report.bisect_steps = _bisect_steps(ctx)
+    compilers = {n.target: "-" for n in gm.graph.nodes if n.op == "call_module"}
+    report = _pipeline_report(gm, ctx, pass_names, records, compilers, dump)
     if dump is not None:
         partitioned = any(meta.partition(n) is not None for n in gm.graph.nodes)
-        _write_dump(dump, report, config, None, graph_data(gm, name) if partitioned else None)
+        _write_dump(dump, report, config, None, graph_data(gm, ctx.graph_name) if partitioned else None)
     _announce(report)
     publish(report)
     return captured.forward
 
 
-def _bisect_steps(ctx: PassContext) -> list[dict[str, Any]]:
+def _pipeline_report(
+    gm: fx.GraphModule,
+    ctx: PassContext,
+    pass_names: list[str],
+    records: Sequence[Any],
+    compilers: dict[str, str],
+    dump: DumpFolder | None,
+) -> Report:
+    """The report of what the pipeline did to `gm`, with the bisect steps it numbered."""
+    report = build_report(
+        gm,
+        graph=ctx.graph_name,
+        accel=ctx.target.accel,
+        pipeline=pass_names,
+        records=records,
+        fallbacks=ctx.diagnostics.fallbacks,
+        compilers=compilers,
+        dump=str(dump.path) if dump else None,
+    )
     steps = ctx.bisect.steps if ctx.bisect is not None else []
-    return [dataclasses.asdict(s) for s in steps]
+    report.bisect_steps = [dataclasses.asdict(s) for s in steps]
+    return report
 
 
 def _schedule_summary(schedule: Any, mode: str) -> dict[str, Any]:
