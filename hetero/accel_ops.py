@@ -150,12 +150,13 @@ def _check_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seq_dim: 
 
 # ------------------------------------------------------------------------------------------------
 # The ops. Their default implementation is the reference; hetero.backends.triton registers the CUDA
-# kernels and the CPU interpreter path.
+# kernels and the CPU interpreter path. Every output is contiguous, as the fakes say (fuse_accel only
+# replaces values the graph holds contiguously).
 
 
 @torch.library.custom_op("hetero::rmsnorm", mutates_args=())
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return rmsnorm_reference(x, weight, eps)
+    return rmsnorm_reference(x, weight, eps).contiguous()
 
 
 @rmsnorm.register_fake
@@ -168,7 +169,7 @@ def add_rmsnorm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     normed, total = add_rmsnorm_reference(x, residual, weight, eps)
-    return normed, total
+    return normed.contiguous(), total.contiguous()
 
 
 @add_rmsnorm.register_fake
@@ -180,7 +181,7 @@ def _(x, residual, weight, eps):
 
 @torch.library.custom_op("hetero::silu_mul", mutates_args=())
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return silu_mul_reference(gate, up)
+    return silu_mul_reference(gate, up).contiguous()
 
 
 @silu_mul.register_fake
@@ -198,7 +199,8 @@ def mla_norms(
     kv_weight: torch.Tensor,
     kv_eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return mla_norms_reference(q_a, q_weight, q_eps, kv_a, kv_weight, kv_eps)
+    q, kv = mla_norms_reference(q_a, q_weight, q_eps, kv_a, kv_weight, kv_eps)
+    return q.contiguous(), kv.contiguous()
 
 
 @mla_norms.register_fake
@@ -217,7 +219,7 @@ def mla_rope_q(
     style: str,
     round_each: bool = False,
 ) -> torch.Tensor:
-    return mla_rope_q_reference(q, cos, sin, nope, seq_dim, style, round_each)
+    return mla_rope_q_reference(q, cos, sin, nope, seq_dim, style, round_each).contiguous()
 
 
 @mla_rope_q.register_fake
@@ -235,7 +237,7 @@ def mla_rope_k(
     style: str,
     round_each: bool = False,
 ) -> torch.Tensor:
-    return mla_rope_k_reference(k, cos, sin, past, seq_dim, style, round_each)
+    return mla_rope_k_reference(k, cos, sin, past, seq_dim, style, round_each).contiguous()
 
 
 @mla_rope_k.register_fake

@@ -144,13 +144,14 @@ class ModuleFrame:
     cls: str  # "DeepseekV3Attention"
 
 
-_ROOT = re.compile(r"^L\[['\"]\w+['\"]\]\.?")
+# The root module: L['self'], or L['args'][0] when a decorator's (*args, **kwargs) wraps forward.
+_ROOT = re.compile(r"^L\[['\"]\w+['\"]\](\[\d+\])?\.?")
 _MODULES_ITEM = re.compile(r"\.?_modules\[['\"]([^'\"]+)['\"]\]")
 _INDEX = re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]")
 
 
 def normalise_module_path(raw: str) -> str:
-    """ "L['self']._modules['layers']._modules['0'].mlp" -> "layers.0.mlp"."""
+    """ "L['self']._modules['layers']._modules['0'].mlp" -> "layers.0.mlp" (also from L['args'][0])."""
     path = _ROOT.sub("", raw)
     path = _MODULES_ITEM.sub(r".\1", path)
     path = _INDEX.sub(r".\1", path)
@@ -195,6 +196,22 @@ def size_hint(s: int | torch.SymInt) -> int:
         return int(hint)
     # Data-dependent (unbacked) sizes have no example value; cost estimates use a typical size.
     return 64
+
+
+def shape_key(value: torch.Tensor) -> tuple[int | str, ...]:
+    """A hashable, comparable form of a (fake) tensor's shape: ints, and symbolic sizes as their expression.
+
+    SymInts are not hashable; two sizes with the same expression are the same size within one graph.
+    """
+    return tuple(s if isinstance(s, int) else str(s.node.expr) for s in value.shape)
+
+
+def stride_key(value: torch.Tensor) -> tuple[int | str, ...]:
+    """Strides as `shape_key` gives sizes; dims of size 1 read as 1 (their stride never matters)."""
+    return tuple(
+        1 if isinstance(size, int) and size == 1 else (s if isinstance(s, int) else str(s.node.expr))
+        for size, s in zip(value.shape, value.stride(), strict=True)
+    )
 
 
 def format_val(value: Any) -> str:

@@ -33,6 +33,7 @@ from hetero.compiler import meta
 from hetero.compiler.config import HeteroConfig, Target
 from hetero.compiler.errors import FallbackError, HeteroError, PassError, PlacementError
 from hetero.compiler.format import format_graph, op_name
+from hetero.compiler.verify import check_values
 from hetero.compiler.weights import ParamValues
 
 if TYPE_CHECKING:
@@ -266,8 +267,10 @@ def run_pipeline(
             result = spec.run(gm, ctx)
             if not isinstance(result, PassResult):
                 raise HeteroError(f"returned {type(result).__name__}; a pass returns a PassResult")
-            if config.verify_each and spec.check is not None:
-                spec.check(result.gm, ctx)
+            if config.verify_each:
+                if spec.check is not None:
+                    spec.check(result.gm, ctx)
+                check_values(result.gm)
         except FallbackError:
             raise
         except HeteroError as e:

@@ -88,8 +88,8 @@ def fuse_accel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             stats["fused.kv_cache_writes"] += cache_writes
             if kernels:
                 _stable_sort(sub.graph)  # a fused op may read inputs made after the ops it replaces
-                sub.graph.eliminate_dead_code()
-                sub.recompile()
+            sub.graph.eliminate_dead_code()  # also what a refused substitution emitted
+            sub.recompile()
     for u in unfused:
         ctx.diagnostics.fallback(
             "fuse_accel",
@@ -171,8 +171,8 @@ def _fuse_mla(sub: fx.GraphModule, unfused: list[Unfused], allow: Callable[[str]
         if not allow(f"mla_preprocess of {match.module}"):
             continue
         region = Region("mla_preprocess", match.module)
-        _fuse_norms(sub.graph, match, region)
-        kernels["mla_norms" if match.q_norm is not None else "rmsnorm"] += 1
+        swap = _Substitution()
+        _fuse_norms(sub.graph, match, region, swap)
         emit = _Emitter(sub.graph, match.q_out, region, f"q RoPE + concat of {match.module}")
         cos, sin = _emit_tables(emit, match.q_rope)
         q = emit(
@@ -188,24 +188,29 @@ def _fuse_mla(sub: fx.GraphModule, unfused: list[Unfused], allow: Callable[[str]
             ),
             "mla_rope_q",
         )
-        match.q_out.replace_all_uses_with(q)
+        swap.add(match.q_out, q)
         replaced = match.k_cache if match.k_cache is not None else match.k_rope.out
         emit = _Emitter(sub.graph, replaced, region, f"k RoPE + cache write of {match.module}")
         cos, sin = _emit_tables(emit, match.k_rope)
         rope = match.k_rope
         args = (rope.x, cos, sin, match.past, rope.seq_dim, rope.style, rope.round_each)
-        k = emit(_hetero.mla_rope_k.default, args, "mla_rope_k")
-        replaced.replace_all_uses_with(k)
+        swap.add(replaced, emit(_hetero.mla_rope_k.default, args, "mla_rope_k"))
+        problem = swap.apply()
+        if problem is not None:
+            unfused.append(Unfused(match.module, problem))
+            continue
+        kernels["mla_norms" if match.q_norm is not None else "rmsnorm"] += 1
         kernels.update({"mla_rope_q": 1, "mla_rope_k": 1, "fired": 1})
         kernels["kv_cache_writes"] += match.k_cache is not None
     return kernels
 
 
-def _fuse_norms(graph: fx.Graph, match: MlaPrologue, region: Region) -> None:
+def _fuse_norms(graph: fx.Graph, match: MlaPrologue, region: Region, swap: _Substitution) -> None:
     kv = match.kv_norm
     if match.q_norm is None:
         emit = _Emitter(graph, kv.out, region, f"kv latent RMSNorm of {match.module}")
-        kv.out.replace_all_uses_with(emit(_hetero.rmsnorm.default, (kv.x, kv.weight, kv.eps), "rmsnorm"))
+        normed = emit(_hetero.rmsnorm.default, (kv.x, kv.weight, kv.eps), "rmsnorm")
+        swap.add(kv.out, _as_dtype_of(emit, normed, kv.out))
         return
     q = match.q_norm
     # After both inputs (the kv projection comes after q's norm); _stable_sort moves q_b's users down.
@@ -213,8 +218,8 @@ def _fuse_norms(graph: fx.Graph, match: MlaPrologue, region: Region) -> None:
     emit = _Emitter(graph, later, region, f"q and kv latent RMSNorms of {match.module}")
     fused = emit(_hetero.mla_norms.default, (q.x, q.weight, q.eps, kv.x, kv.weight, kv.eps), "mla_norms")
     q_out, kv_out = emit.outputs(fused, 2)
-    q.out.replace_all_uses_with(q_out)
-    kv.out.replace_all_uses_with(kv_out)
+    swap.add(q.out, _as_dtype_of(emit, q_out, q.out))
+    swap.add(kv.out, _as_dtype_of(emit, kv_out, kv.out))
 
 
 def _emit_tables(emit: _Emitter, rope: Rope) -> tuple[fx.Node, fx.Node]:
@@ -256,9 +261,11 @@ def _fuse_add_rmsnorm(
         )
         fused = emit(_hetero.add_rmsnorm.default, (*parts, norm.weight, norm.eps), "add_rmsnorm")
         normed, total = emit.outputs(fused, 2)
-        norm.out.replace_all_uses_with(normed)
-        norm.x.replace_all_uses_with(total)
-        kernels.update({"add_rmsnorm": 1, "fired": 1})
+        swap = _Substitution()
+        swap.add(norm.out, _as_dtype_of(emit, normed, norm.out))
+        swap.add(norm.x, total)
+        if swap.apply() is None:
+            kernels.update({"add_rmsnorm": 1, "fired": 1})
     return kernels
 
 
@@ -290,9 +297,61 @@ def _fuse_silu_mul(sub: fx.GraphModule, unfused: list[Unfused], allow: Callable[
         if not allow(f"silu_mul at %{mul.name} ({_where(mul)})"):
             continue
         emit = _Emitter(sub.graph, mul, meta.region(mul), f"silu(gate) * up %{mul.name}")
-        mul.replace_all_uses_with(emit(_hetero.silu_mul.default, (silu.args[0], up), "silu_mul"))
-        kernels.update({"silu_mul": 1, "fired": 1})
+        swap = _Substitution()
+        swap.add(mul, emit(_hetero.silu_mul.default, (silu.args[0], up), "silu_mul"))
+        if swap.apply() is None:
+            kernels.update({"silu_mul": 1, "fired": 1})
     return kernels
+
+
+class _Substitution:
+    """Nodes to replace by fused ones, all or none: a fused value must be what the graph had there.
+
+    Same shape, dtype and strides: later ops (views, Inductor's lowering of them, other partitions)
+    were traced with the old value's layout. Fused kernels write contiguous outputs, so a rewrite of a
+    value the model computed in another layout (a transposed product, say) does not fire.
+    """
+
+    def __init__(self) -> None:
+        self.pairs: list[tuple[fx.Node, fx.Node]] = []
+
+    def add(self, old: fx.Node, new: fx.Node) -> None:
+        self.pairs.append((old, new))
+
+    def apply(self) -> str | None:
+        """Replace every pair, or none and say why (the emitted nodes are then dead code)."""
+        for old, new in self.pairs:
+            problem = _layout_problem(meta.val(old), meta.val(new))
+            if problem is not None:
+                return f"%{old.name}: {problem}"
+        for old, new in self.pairs:
+            old.replace_all_uses_with(new)
+        return None
+
+
+def _layout_problem(old: object, new: object) -> str | None:
+    if not (isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor)):
+        return f"{meta.format_val(old)} replaced by {meta.format_val(new)}"
+    if meta.shape_key(old) != meta.shape_key(new) or old.dtype != new.dtype:
+        return f"the fused op gives {meta.format_val(new)} where the graph has {meta.format_val(old)}"
+    if meta.stride_key(old) != meta.stride_key(new):
+        return (
+            f"the graph has it in strides {meta.stride_key(old)}, the fused op writes "
+            f"{meta.stride_key(new)} (contiguous)"
+        )
+    return None
+
+
+def _as_dtype_of(emit: _Emitter, value: fx.Node, like: fx.Node) -> fx.Node:
+    """`value` cast to `like`'s dtype when they differ.
+
+    A norm whose weight is fp32 while activations are half precision (Qwen3-Next scales by
+    `1 + weight.float()` and casts back) yields fp32 from the kernel; the model's value is the cast.
+    """
+    dtype = meta.val(like).dtype
+    if meta.val(value).dtype == dtype:
+        return value
+    return emit(torch.ops.prims.convert_element_type.default, (value, dtype))
 
 
 def _where(node: fx.Node) -> str:

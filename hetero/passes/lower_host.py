@@ -7,10 +7,12 @@ Guarantees, in host partitions:
   `hetero.host_linear(x, N, -1)`, one per group of linears reading the same input (their outputs are
   column slices of the fused result);
 each carrying `hetero.lowering` = HostKernel (dtype, the weights' placeholders, and a recipe: a small
-graph computing the kernel's weights from them, views only). The backend runs the recipe on the real
-weights once, prepacks them and binds the handle. Weight inputs nothing else reads leave the
-partition and the top-level graph, so no weight is copied per call or kept twice. A host `moe`
-region that stays unlowered is recorded as a fallback with its reason.
+graph computing the kernel's weights, and the experts' biases when they have some, from them, views
+only; for MoE also its form: the activation with its parameters, and whether the routing weights scale
+the experts' inputs). The backend runs the recipe on the real weights once, prepacks them and binds
+the handle. Weight inputs nothing else reads leave the partition and the top-level graph, so no
+weight is copied per call or kept twice. A host `moe` region that stays unlowered is recorded as a
+fallback with its reason.
 
 With options={"expert_parallel": ...} (ctx.target.expert_parallel_ranks > 0) a MoE op becomes
 `hetero.ep_moe(hidden, ids, weights, -1)` instead: the same HostKernel plan, with `ranks` and the
@@ -35,7 +37,7 @@ from torch import fx
 from hetero.compiler import meta
 from hetero.compiler.ops import transfer
 from hetero.compiler.pipeline import PassContext, PassResult
-from hetero.ops import ACTIVATIONS
+from hetero.ops import ACTIVATIONS, MoeForm, moe_arguments
 from hetero.passes.analyze_cost import is_zero_copy, param_sources
 
 _DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
@@ -47,14 +49,18 @@ class HostKernel:
     backend: str  # "onednn"
     dtype: str  # "fp32" | "bf16" | "int8": what the kernel computes in
     params: tuple[str, ...]  # top-level placeholders of the weights, in the recipe's input order
-    recipe: fx.GraphModule  # (*params) -> the kernel's weights: (gate, up, down) lists, or (weights, biases)
+    # (*params) -> the kernel's weights: MoE (gate, up, down) lists, then (gate, up, down) bias lists when
+    # any projection has one (empty: none); linears (weights, biases)
+    recipe: fx.GraphModule
     experts: int  # experts of a MoE kernel, linears fused into a linear kernel
     ranks: int = 0  # MoE: ranks its experts are sharded across (expert_parallel); 0: all on this host
     parallel: Any = None  # MoE with ranks: the ExpertParallel option (group, placement, timeout)
+    form: MoeForm | None = None  # MoE: activation and where the routing weight goes
 
     def __str__(self) -> str:
         unit = "experts" if self.kind == "moe" else "fused"
-        return f"{self.backend} {self.kind} {self.dtype}, {self.experts} {unit}"
+        extra = f", {self.form}" if self.form is not None and self.form != MoeForm() else ""
+        return f"{self.backend} {self.kind} {self.dtype}, {self.experts} {unit}{extra}"
 
 
 def lower_host(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -153,22 +159,34 @@ def _host_dtype(ctx: PassContext, x: fx.Node, allow_int8: bool) -> str | None:
 
 
 def _plan(node: fx.Node, sub: fx.GraphModule, call: fx.Node, ctx: PassContext) -> HostKernel | str:
-    hidden, _ids, _weights, gate, up, down, activation = node.args
-    if activation not in ACTIVATIONS:
-        return f"activation {activation!r} has no host kernel"
+    a = moe_arguments(node.args, node.kwargs)
+    hidden, form = a["hidden"], MoeForm.of(a)
+    if form.activation not in ACTIVATIONS:
+        return f"activation {form.activation!r} has no host kernel"
+    if len(form.activation_params) != len(ACTIVATIONS[form.activation].params):
+        return f"activation {form.activation!r} needs parameters {ACTIVATIONS[form.activation].params}"
+    biases = [a[k] for k in ("gate_bias", "up_bias", "down_bias")]
+    if ctx.target.expert_parallel_ranks and (form != MoeForm() or any(b is not None for b in biases)):
+        what = f"{form}" + (" with biases" if any(b is not None for b in biases) else "")
+        return f"the expert-parallel kernel computes SiLU experts without biases, not {what}"
     dtype = _host_dtype(ctx, hidden, allow_int8=True)
     if dtype is None:
         return f"hidden states are {meta.val(hidden).dtype}; host kernels compute in fp32, bf16 or int8"
     recipe = _Recipe(sub, call)
     lists = []
-    for weights in (gate, up, down):
+    for weights in (a["gate"], a["up"], a["down"], *(b for b in biases if b is not None)):
         items = recipe.take_all(list(weights))
         if isinstance(items, str):
             return items
         lists.append(items)
+    if any(b is not None for b in biases):
+        # (gate, up, down, gate_bias, up_bias, down_bias): a missing bias is an empty list.
+        given = iter(lists[3:])
+        lists[3:] = [next(given) if b is not None else [] for b in biases]
     names, graph = recipe.finish(tuple(lists))
+    gate = a["gate"]
     experts = len(gate) if len(gate) > 1 else meta.size_hint(meta.val(gate[0]).shape[0])
-    return HostKernel("moe", "onednn", dtype, names, graph, experts)
+    return HostKernel("moe", "onednn", dtype, names, graph, experts, form=form)
 
 
 def _record_local_experts(sub: fx.GraphModule, ctx: PassContext) -> None:
@@ -308,7 +326,7 @@ def _lower_linears(sub: fx.GraphModule, call: fx.Node, ctx: PassContext) -> int:
 def _same_value_key(x: fx.Node) -> tuple[object, ...]:
     """Linears whose inputs are the same value (possibly through separate but identical views) group:
     the key is the value under the views, and the viewed shape."""
-    shape = tuple(meta.val(x).shape)
+    shape = meta.shape_key(meta.val(x))
     root = x
     while root.op == "call_function" and root.target in (_aten.view.default, _aten._unsafe_view.default):
         root = root.args[0]
@@ -316,9 +334,12 @@ def _same_value_key(x: fx.Node) -> tuple[object, ...]:
 
 
 def _drop_unused_inputs(gm: fx.GraphModule, call: fx.Node, sub: fx.GraphModule) -> None:
-    """Remove partition inputs nothing reads any more (weights now inside host kernels)."""
+    """Remove partition inputs nothing reads any more (weights now inside host kernels).
+
+    Symbolic sizes stay: the partition compiler binds the sizes of the remaining inputs from them.
+    """
     inputs = [p for p in sub.graph.nodes if p.op == "placeholder"]
-    keep = [i for i, p in enumerate(inputs) if p.users]
+    keep = [i for i, p in enumerate(inputs) if p.users or isinstance(meta.val(p), torch.SymInt)]
     if len(keep) == len(inputs):
         return
     for i, p in enumerate(inputs):

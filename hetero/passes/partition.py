@@ -203,12 +203,16 @@ class _Builder:
         self.env: dict[fx.Node, fx.Node] = {}  # original value -> top-level node holding it
         self.home: dict[fx.Node, Role] = {}  # original value -> role whose device holds it
         self.moved: dict[tuple[fx.Node, Role], fx.Node] = {}
+        self.symbols: dict[Any, fx.Node] = {}  # sympy symbol -> the graph input that is that size
         for node in gm.graph.nodes:
             if node.op == "placeholder":
                 new = self.top.placeholder(node.name)
                 new.meta = copy.copy(node.meta)
                 self.env[node] = new
                 self.home[node] = self._role_of_device(meta.val(node))
+                value = meta.val(node)
+                if isinstance(value, torch.SymInt) and value.node.expr.is_Symbol:
+                    self.symbols.setdefault(value.node.expr, node)
 
     def add_partition(self, index: int, members: list[fx.Node]) -> None:
         role = meta.role(members[0])
@@ -219,6 +223,8 @@ class _Builder:
             for a in n.all_input_nodes:
                 if a not in inside and a.op != "get_attr":
                     inputs[a] = None
+        for a in self._size_inputs(members, inputs):
+            inputs[a] = None
         outputs = [n for n in members if any(u not in inside for u in n.users)]
         body = fx.Graph()
         local: dict[fx.Node, fx.Node] = {}
@@ -244,6 +250,28 @@ class _Builder:
             item = self.top.create_node("call_function", operator.getitem, (call, i), name=o.name)
             item.meta["val"] = meta.val(o)
             self.env[o], self.home[o] = item, role
+
+    def _size_inputs(self, members: list[fx.Node], inputs: dict[fx.Node, None]) -> list[fx.Node]:
+        """Graph inputs that are symbolic sizes the partition uses but cannot read off its inputs.
+
+        A compiler binds each symbol from a size of an input that is exactly that symbol (a tensor of
+        [s0, 64]) or from a SymInt input; a partition that sees only [11*s0, 64] must get s0 itself.
+        """
+        used: set[Any] = set()
+        bound: set[Any] = set()
+        for a in inputs:
+            value = meta.val(a)
+            if isinstance(value, torch.SymInt):
+                bound.add(value.node.expr)
+            elif isinstance(value, torch.Tensor):
+                bound.update(s.node.expr for s in value.shape if isinstance(s, torch.SymInt))
+        for n in [*inputs, *members]:
+            for v in _flat_values(meta.val(n)):
+                for s in (*v.shape, *v.stride()) if isinstance(v, torch.Tensor) else (v,):
+                    if isinstance(s, torch.SymInt):
+                        used |= s.node.expr.free_symbols
+        missing = sorted((s for s in used if s not in bound and s in self.symbols), key=str)
+        return [self.symbols[s] for s in missing]
 
     def finish(self) -> fx.GraphModule:
         (result,) = [n for n in self.gm.graph.nodes if n.op == "output"]
@@ -291,6 +319,10 @@ class _Builder:
             if _same_device(value.device, self.target.device(role)):
                 return role
         return None
+
+
+def _flat_values(value: Any) -> list[Any]:
+    return [x for v in value for x in _flat_values(v)] if isinstance(value, (tuple, list)) else [value]
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
