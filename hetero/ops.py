@@ -14,22 +14,111 @@ sees the whole layer):
         y[idx] += self.experts[i](x[idx]) * topk_weights[idx, top, None]
 
 Semantics: for each token t and slot k, expert e = topk_ids[t, k] contributes
-topk_weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)); ids outside [0, E) contribute nothing.
+    w * down_e(act(gate_e(x_t), up_e(x_t)))        (default)
+    down_e(act(gate_e(w * x_t), up_e(w * x_t)))    (weights_on_input: Llama-4 scales tokens first)
+with w = topk_weights[t, k], each projection `x @ W.T (+ bias)`, and `act` one of `ACTIVATIONS`
+(SiLU-gated `silu(g) * u` by default); ids outside [0, E) contribute nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch.nn import functional as F
 
-ACTIVATIONS = ("silu",)
+from hetero.experts_modules import ExpertWeights, experts_weights
+
+__all__ = ["ACTIVATIONS", "ExpertWeights", "MoeForm", "experts_weights", "moe_experts", "moe_reference"]
 
 
-@torch.library.custom_op("hetero::moe_experts", mutates_args=())
-def _moe_experts_op(
+@dataclass(frozen=True)
+class Activation:
+    """A gated activation h = fn(gate, up, *params); `params` names its float parameters, in order."""
+
+    name: str
+    params: tuple[str, ...]
+    fn: Callable[..., torch.Tensor]
+    formula: str
+
+
+def _silu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def _gelu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.gelu(gate) * up
+
+
+def _gelu_tanh(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.gelu(gate, approximate="tanh") * up
+
+
+def _silu_clamp(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    return F.silu(gate.clamp(max=limit)) * up.clamp(min=-limit, max=limit)
+
+
+def _swiglu_oss(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    a.name: a
+    for a in (
+        Activation("silu", (), _silu, "silu(gate) * up"),
+        Activation("gelu", (), _gelu, "gelu(gate) * up  (erf)"),
+        Activation("gelu_tanh", (), _gelu_tanh, "gelu(gate, approximate='tanh') * up  (Gemma)"),
+        Activation(
+            "silu_clamp",
+            ("limit",),
+            _silu_clamp,
+            "silu(min(gate, limit)) * clamp(up, -limit, limit)  (HunYuan-V4, DeepSeek-V4)",
+        ),
+        Activation(
+            "swiglu_oss",
+            ("alpha", "limit"),
+            _swiglu_oss,
+            "g = min(gate, limit); (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)  (GPT-OSS)",
+        ),
+    )
+}
+
+
+def activation_fn(name: str, params: Sequence[float] | None = None) -> Callable[..., torch.Tensor]:
+    """(gate, up) -> h for activation `name` with its parameters bound; ValueError when unknown."""
+    act = ACTIVATIONS.get(name)
+    if act is None:
+        supported = tuple(ACTIVATIONS)
+        raise ValueError(f"moe_experts: activation {name!r} is not supported; supported: {supported}")
+    values = tuple(params or ())
+    if len(values) != len(act.params):
+        raise ValueError(
+            f"moe_experts: activation {name!r} takes parameters {act.params}, got {len(values)} values"
+        )
+    return lambda gate, up: act.fn(gate, up, *values)
+
+
+def describe_activation(name: str, params: Sequence[float] | None = None) -> str:
+    """`silu`, `swiglu_oss(alpha=1.702, limit=7.0)`: the activation with its named parameters."""
+    act = ACTIVATIONS.get(name)
+    if act is None or not act.params:
+        return name
+    return f"{name}({', '.join(f'{k}={v:g}' for k, v in zip(act.params, params or (), strict=False))})"
+
+
+# Biases are optional lists shaped like the weights' output rows ([E, N] stacked or E tensors [N]).
+_SCHEMA = (
+    "(Tensor hidden, Tensor topk_ids, Tensor topk_weights, Tensor[] gate, Tensor[] up, Tensor[] down, "
+    "str activation, Tensor[]? gate_bias=None, Tensor[]? up_bias=None, Tensor[]? down_bias=None, "
+    "float[]? activation_params=None, bool weights_on_input=False) -> Tensor"
+)
+
+
+def _moe_experts_impl(
     hidden: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
@@ -37,18 +126,57 @@ def _moe_experts_op(
     up: list[torch.Tensor],
     down: list[torch.Tensor],
     activation: str,
+    gate_bias: list[torch.Tensor] | None = None,
+    up_bias: list[torch.Tensor] | None = None,
+    down_bias: list[torch.Tensor] | None = None,
+    activation_params: list[float] | None = None,
+    weights_on_input: bool = False,
 ) -> torch.Tensor:
-    return moe_reference(hidden, topk_ids, topk_weights, gate, up, down, activation)
+    return moe_reference(
+        hidden,
+        topk_ids,
+        topk_weights,
+        gate,
+        up,
+        down,
+        activation,
+        gate_bias=gate_bias,
+        up_bias=up_bias,
+        down_bias=down_bias,
+        activation_params=activation_params,
+        weights_on_input=weights_on_input,
+    )
 
 
-@_moe_experts_op.register_fake
-def _(hidden, topk_ids, topk_weights, gate, up, down, activation):
+torch.library.custom_op("hetero::moe_experts", _moe_experts_impl, mutates_args=(), schema=_SCHEMA)
+
+
+@torch.library.register_fake("hetero::moe_experts")
+def _(hidden, topk_ids, topk_weights, gate, up, down, activation, *args, **kwargs):
     return torch.empty_like(hidden)
+
+
+def moe_arguments(args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """A `moe_experts` call's arguments by name, defaults filled in (graph nodes may pass either way)."""
+    bound = {}
+    for i, arg in enumerate(torch.ops.hetero.moe_experts.default._schema.arguments):
+        if i < len(args):
+            bound[arg.name] = args[i]
+        elif arg.name in kwargs:
+            bound[arg.name] = kwargs[arg.name]
+        else:
+            bound[arg.name] = arg.default_value if arg.has_default_value() else None
+    return bound
 
 
 def expert_weight(weights: Sequence[torch.Tensor], e: int) -> torch.Tensor:
     """Expert e's 2-D weight from a list of E 2-D tensors or of one stacked [E, ...] tensor."""
     return weights[0][e] if len(weights) == 1 and weights[0].dim() == 3 else weights[e]
+
+
+def expert_bias(biases: Sequence[torch.Tensor], e: int) -> torch.Tensor:
+    """Expert e's 1-D bias from a list of E 1-D tensors or of one stacked [E, N] tensor."""
+    return biases[0][e] if len(biases) == 1 and biases[0].dim() == 2 else biases[e]
 
 
 def num_experts(weights: Sequence[torch.Tensor]) -> int:
@@ -68,6 +196,13 @@ def routing(topk_ids: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.T
     return order, order // topk_ids.shape[-1], counts
 
 
+def _project(
+    x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None, e: int
+) -> torch.Tensor:
+    y = x @ expert_weight(weights, e).t()
+    return y if not biases else y + expert_bias(biases, e)
+
+
 def moe_reference(
     hidden: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -76,10 +211,16 @@ def moe_reference(
     up: Sequence[torch.Tensor],
     down: Sequence[torch.Tensor],
     activation: str = "silu",
+    *,
+    gate_bias: Sequence[torch.Tensor] | None = None,
+    up_bias: Sequence[torch.Tensor] | None = None,
+    down_bias: Sequence[torch.Tensor] | None = None,
+    activation_params: Sequence[float] | None = None,
+    weights_on_input: bool = False,
 ) -> torch.Tensor:
-    """The op's definition in plain PyTorch: any device, any float dtype; accumulates in fp32."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"moe_experts: activation {activation!r} is not supported; supported: {ACTIVATIONS}")
+    """The op's definition in plain PyTorch: any device, any float dtype; the experts compute in the
+    hidden states' dtype (as models do), their sum accumulates in fp32."""
+    act = activation_fn(activation, activation_params)
     experts = num_experts(gate)
     order, tokens, counts = routing(topk_ids, experts)
     pair_weights = topk_weights.reshape(-1)[order]
@@ -89,59 +230,38 @@ def moe_reference(
         if n == 0:
             continue
         idx = tokens[start : start + n]
+        w = pair_weights[start : start + n, None]
         x = hidden[idx]
-        h = torch.nn.functional.silu(x @ expert_weight(gate, e).t()) * (x @ expert_weight(up, e).t())
-        y = (h @ expert_weight(down, e).t()).float() * pair_weights[start : start + n, None].float()
-        out.index_add_(0, idx, y)
+        if weights_on_input:
+            x = x * w.to(x.dtype)
+        h = act(_project(x, gate, gate_bias, e), _project(x, up, up_bias, e))
+        y = _project(h, down, down_bias, e).float()
+        out.index_add_(0, idx, y if weights_on_input else y * w.float())
         start += n
     return out.to(hidden.dtype)
 
 
-def experts_weights(experts: Any) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """(gate, up, down) weight lists of a transformers experts module, an nn.ModuleList of gated MLPs,
-    or a (gate, up, down) tuple of [E, I, H] / [E, I, H] / [E, H, I] tensors."""
-    if (
-        isinstance(experts, (tuple, list))
-        and len(experts) == 3
-        and all(isinstance(t, torch.Tensor) for t in experts)
-    ):
-        return [experts[0]], [experts[1]], [experts[2]]
-    if isinstance(experts, nn.Module) and hasattr(experts, "gate_up_proj") and hasattr(experts, "down_proj"):
-        if getattr(experts, "has_bias", False) or getattr(experts, "is_transposed", False):
-            raise ValueError("moe_experts: experts with biases or transposed weights are not supported")
-        if not getattr(experts, "is_concatenated", True):
-            raise ValueError("moe_experts: interleaved gate/up weights are not supported")
-        gate_up, down = experts.gate_up_proj, experts.down_proj
-        inter = gate_up.shape[1] // 2
-        return [gate_up[:, :inter]], [gate_up[:, inter:]], [down]
-    if isinstance(experts, (nn.ModuleList, list, tuple)):
-        gate, up, down = [], [], []
-        for i, expert in enumerate(experts):
-            g, u, d = _mlp_weights(expert, i)
-            gate.append(g)
-            up.append(u)
-            down.append(d)
-        return gate, up, down
-    raise TypeError(
-        "moe_experts: `experts` must be a transformers experts module (gate_up_proj, down_proj), an "
-        f"nn.ModuleList of gated MLPs, or a (gate, up, down) tuple of tensors; got {type(experts).__name__}"
-    )
+@dataclass(frozen=True)
+class MoeForm:
+    """What a `moe_experts` call computes besides its weights: the activation (with its parameters, in
+    the order `ACTIVATIONS` names them) and whether the routing weight scales the expert's input."""
 
+    activation: str = "silu"
+    activation_params: tuple[float, ...] = ()
+    weights_on_input: bool = False
 
-_MLP_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+    def __str__(self) -> str:
+        text = describe_activation(self.activation, self.activation_params)
+        return text + (", weights on input" if self.weights_on_input else "")
 
-
-def _mlp_weights(expert: nn.Module, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    for names in _MLP_NAMES:
-        layers = [getattr(expert, n, None) for n in names]
-        if all(isinstance(layer, nn.Linear) for layer in layers):
-            if any(layer.bias is not None for layer in layers):
-                raise ValueError(f"moe_experts: expert {index} has biases, which are not supported")
-            return layers[0].weight, layers[1].weight, layers[2].weight
-    raise TypeError(
-        f"moe_experts: expert {index} ({type(expert).__name__}) needs Linear layers named "
-        "gate_proj/up_proj/down_proj (or w1/w3/w2)"
-    )
+    @classmethod
+    def of(cls, arguments: Mapping[str, Any]) -> MoeForm:
+        """The form of a call, from its arguments by name (`moe_arguments`)."""
+        return cls(
+            arguments["activation"],
+            tuple(arguments["activation_params"] or ()),
+            bool(arguments["weights_on_input"]),
+        )
 
 
 def moe_experts(
@@ -149,19 +269,50 @@ def moe_experts(
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
     experts: Any,
-    activation: str = "silu",
+    activation: str | None = None,
+    *,
+    activation_params: Mapping[str, float] | None = None,
+    weights_on_input: bool = False,
 ) -> torch.Tensor:
     """Routed experts of one MoE layer as one op: [..., H] hidden states, [T, K] ids and weights -> [..., H].
 
-    `experts`: a transformers experts module, an nn.ModuleList of gated MLPs (gate_proj/up_proj/down_proj),
-    or a (gate [E,I,H], up [E,I,H], down [E,H,I]) tuple. Traceable by Dynamo; under the hetero backend it
-    runs on the host through oneDNN.
+    `experts`: a transformers experts module (Mixtral/Qwen3/DeepSeek grouped experts, GPT-OSS, Llama-4,
+    DBRX), an nn.ModuleList of gated MLPs (gate_proj/up_proj/down_proj, biases allowed), or a
+    (gate [E,I,H], up [E,I,H], down [E,H,I]) tuple. `activation` (with its `activation_params` by name)
+    overrides what the module says it computes (SiLU when it says nothing). `weights_on_input` scales each
+    token by its routing weight before its expert (Llama-4) rather than the expert's output.
+    Traceable by Dynamo; under the hetero backend it runs on the host through oneDNN.
     """
-    gate, up, down = experts_weights(experts)
+    found = experts_weights(experts)
+    name, params = found.activation, found.activation_params
+    if activation is not None:
+        name, params = activation, ()
+    if activation_params is not None:
+        act = ACTIVATIONS.get(name)
+        expected = act.params if act else ()
+        if set(activation_params) != set(expected):
+            given = tuple(activation_params)
+            raise ValueError(f"moe_experts: activation {name!r} takes parameters {expected}, got {given}")
+        params = tuple(float(activation_params[k]) for k in expected)
+    activation_fn(name, params)  # a clear error here, not inside the traced op
     flat = hidden.reshape(-1, hidden.shape[-1])
     ids = topk_ids.reshape(flat.shape[0], -1)
     weights = topk_weights.reshape(flat.shape[0], -1)
-    return torch.ops.hetero.moe_experts(flat, ids, weights, gate, up, down, activation).reshape(hidden.shape)
+    out = torch.ops.hetero.moe_experts(
+        flat,
+        ids,
+        weights,
+        found.gate,
+        found.up,
+        found.down,
+        name,
+        gate_bias=found.gate_bias,
+        up_bias=found.up_bias,
+        down_bias=found.down_bias,
+        activation_params=list(params) if params else None,
+        weights_on_input=weights_on_input,
+    )
+    return out.reshape(hidden.shape)
 
 
 # The host kernel a `moe_experts` node is lowered to. `handle` names prepacked weights that

@@ -19,7 +19,7 @@ class GatedMLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, inter, bias=bias)
         self.up_proj = nn.Linear(hidden, inter, bias=bias)
         self.down_proj = nn.Linear(inter, hidden, bias=bias)
-        self.act = F.silu if act == "silu" else F.gelu
+        self.act = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
@@ -69,6 +69,13 @@ class LoopIndexAddMoE(LoopWhereMoE):
             w = (weights * (ids == e)).sum(-1, keepdim=True)
             out.index_add_(0, rows, expert(x) * w)
         return out
+
+
+class BiasedLoopMoE(LoopWhereMoE):
+    """The static loop over experts whose Linears have biases."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(bias=True, **kwargs)
 
 
 class GroupedFFN(nn.Module):
@@ -141,3 +148,72 @@ def make(
 ) -> nn.Module:
     torch.manual_seed(seed)
     return Block(cls(**kwargs)).eval().to(dtype)
+
+
+# Tiny transformers MoE models (random weights, no downloads): hidden 64, vocab 512, 2 layers, 4 experts
+# of width 32, 4 heads of 16 (2 key/value heads), top-2.
+def _gpt_oss_config() -> object:
+    from transformers import GptOssConfig
+
+    # A small swiglu_limit, so the clamps of its activation are exercised by random weights.
+    return GptOssConfig(
+        **_TINY,
+        num_local_experts=4,
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=128,
+        swiglu_limit=0.3,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+
+
+def _llama4_config() -> object:
+    from transformers import Llama4TextConfig
+
+    return Llama4TextConfig(**_TINY, num_local_experts=4, intermediate_size_mlp=64)
+
+
+def _dbrx_config() -> object:
+    from transformers import DbrxConfig
+
+    config = DbrxConfig(
+        vocab_size=512,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        max_seq_len=256,
+        # DbrxAttention reads attn_config.rope_theta, which the config lacks, and clamps by clip_qkv unguarded
+        attn_config={"kv_n_heads": 2, "clip_qkv": 8.0},
+        ffn_config={"ffn_hidden_size": 32, "moe_num_experts": 4, "moe_top_k": 2},
+    )
+    config.attn_config.rope_theta = 10000.0
+    return config
+
+
+_TINY = {
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "num_experts_per_tok": 2,
+    "max_position_embeddings": 256,
+}
+TRANSFORMERS_MOE = {"gpt_oss": _gpt_oss_config, "llama4_text": _llama4_config, "dbrx": _dbrx_config}
+
+
+def tiny_transformers_moe(model_type: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+    """A tiny causal LM of `model_type` with seeded random weights (biases too: transformers zeroes them)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(TRANSFORMERS_MOE[model_type](), dtype=dtype)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "bias" in name.rsplit(".", 1)[-1]:
+                    p.copy_(torch.randn(p.shape) * 0.1)
+                elif p.dim() >= 2:
+                    p.copy_(torch.randn(p.shape) * 0.05)
+    return model.eval()

@@ -1,28 +1,36 @@
 """MoE experts on the host: every common form is recognised, lowered to oneDNN and matches eager.
 
 Forms: transformers grouped experts (the zoo: tests/test_numerics.py), a ModuleList with a static
-loop (`where` masks and `index_add_`), torch._grouped_mm over expert-sorted tokens, and the public
-op. A data-dependent loop breaks Dynamo's graph: it stays correct and explain says why and what to
-do. Unsupported variants (gelu, biases) stay correct, with the reason recorded.
+loop (`where` masks and `index_add_`, with or without biases), torch._grouped_mm over expert-sorted
+tokens, the public op, and transformers' GPT-OSS (biases, interleaved transposed gate_up, clamped
+SwiGLU), Llama-4 (dense sigmoid routing scaling the experts' inputs) and DBRX (a data-dependent loop
+hetero traces as one op). A data-dependent loop of the user's own breaks Dynamo's graph: it stays
+correct and explain says why and what to do. An unsupported activation stays correct, with the
+reason recorded.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 
 import pytest
 import torch
 
 import hetero
+import hetero.transformers_compat
+from hetero.backends.onednn import PackedMoe
 from hetero.compiler.errors import FallbackError
 from hetero.compiler.report import collect_reports
 from hetero.numerics import rel_error
+from hetero.ops import MoeForm, moe_reference
 from tests import moe_models as mm
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 FORMS = {
     "where-loop": mm.LoopWhereMoE,
+    "where-loop with biases": mm.BiasedLoopMoE,
     "index_add-loop": mm.LoopIndexAddMoE,
     "grouped_mm": mm.GroupedFFN,
     "public-op": mm.PublicOpMoE,
@@ -122,20 +130,26 @@ def test_the_public_op_is_the_fix_for_the_data_dependent_loop() -> None:
     assert [r["lowering"] for r in report.regions if r["kind"] == "moe"] == ["onednn"]
 
 
-@pytest.mark.parametrize(
-    ("variant", "reason"),
-    [({"act": "gelu"}, "something other than SiLU-gated experts"), ({"bias": True}, "biases")],
-)
-def test_unsupported_variants_fall_back_correctly_with_the_reason(variant: dict, reason: str) -> None:
-    model = mm.make(mm.LoopWhereMoE, **variant)
+def test_an_unknown_activation_falls_back_correctly_with_the_reason() -> None:
+    model = mm.make(mm.LoopWhereMoE, act="relu")  # ReGLU: no host kernel computes it
+    reason = "something other than gated experts with a supported activation (silu, gelu, gelu_tanh"
     x = torch.randn(5, 32)
     with pytest.warns(UserWarning, match="not lowered"):
         report = hetero.explain(model, x, **EAGER)
     assert not [k for k in report.host_kernels if k["kind"] == "moe"]  # no MoE kernel: the experts' own code
     assert any(reason in f["reason"] for f in report.fallbacks)
     _compile_and_compare(model, torch.float32, [(x,)], **EAGER)
-    with pytest.raises(FallbackError, match=reason):
+    with pytest.raises(FallbackError, match=re.escape(reason)):
         hetero.explain(model, x, strict=True, **EAGER)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_gated_experts_lower_with_their_activation(dtype: torch.dtype) -> None:
+    model = mm.make(mm.LoopWhereMoE, act="gelu", dtype=dtype)
+    x = torch.randn(5, 32, dtype=dtype)
+    report = hetero.explain(model, x, **EAGER)
+    assert [k["form"] for k in report.host_kernels if k["kind"] == "moe"] == ["gelu"], report.fallbacks
+    _compile_and_compare(model, dtype, [(x,), (torch.randn(3, 32, dtype=dtype),)], **EAGER)
 
 
 def test_int8_error_against_bf16_is_bounded() -> None:
@@ -188,3 +202,117 @@ def test_host_isa_is_reported() -> None:
     assert report.host_isa.startswith(("avx", "sse", "amx")) or "avx512" in report.host_isa
     assert f"host ISA (oneDNN): {report.host_isa}" in report.format()
     assert report.to_dict()["host_isa"] == report.host_isa
+
+
+# ---- transformers' GPT-OSS, Llama-4 and DBRX -------------------------------------------------------------
+
+TRANSFORMERS_FORMS = {  # what each model's experts compute, as the host kernel reports it
+    "gpt_oss": "swiglu_oss(alpha=1.702, limit=0.3)",  # biases, interleaved transposed gate_up
+    "llama4_text": "silu, weights on input",  # dense sigmoid routing: top-k ids read through the scatter
+    "dbrx": "silu",  # its nonzero() loop, traced by hetero as one op (hetero.transformers_compat)
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("model_type", list(TRANSFORMERS_FORMS))
+def test_transformers_moe_models_lower_to_the_host_kernel(model_type: str, dtype: torch.dtype) -> None:
+    hetero.transformers_compat.install()  # what the backend does when it is imported
+    model = mm.tiny_transformers_moe(model_type, dtype)
+    options = {"accel": "cpu", "release_weights": False, **EAGER}
+    compiled = torch.compile(model, backend="hetero", options=options)
+    g = torch.Generator().manual_seed(11)
+    with collect_reports() as reports, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(2):
+            ids = torch.randint(0, 512, (2, 7), generator=g)
+            assert rel_error(compiled(ids).logits, model(ids).logits) <= TOLERANCE[dtype]
+    (report,) = reports  # one graph: DBRX's loop no longer breaks it
+    moe = [r for r in report.regions if r["kind"] == "moe"]
+    assert len(moe) == 2 and all(r["role"] == "host" and r["lowering"] == "onednn" for r in moe)
+    kernels = [k for k in report.host_kernels if k["kind"] == "moe"]
+    assert [(k["form"], k["experts"]) for k in kernels] == [(TRANSFORMERS_FORMS[model_type], 4)] * 2
+    assert not report.fallbacks
+
+
+def test_dbrx_fast_path_is_for_hetero_and_verified_experts_only() -> None:
+    from transformers.models.dbrx import modeling_dbrx
+
+    forward = modeling_dbrx.DbrxExperts.forward
+    hetero.transformers_compat.install()
+    assert modeling_dbrx.DbrxExperts.forward is forward  # eager calls the very same function
+    block = mm.tiny_transformers_moe("dbrx").transformer.blocks[0].ffn
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(block)(torch.randn(1, 5, 64))
+    assert explained.graph_break_count > 0  # Dynamo's own backend traces the loop as written
+    # Experts the op does not compute (GELU) are traced as written under hetero too, and it says why.
+    block.experts.mlp.activation_fn = torch.nn.GELU()
+    compiled = torch.compile(block, backend="hetero", options={"accel": "cpu", **EAGER})
+    x = torch.randn(1, 5, 64)
+    with torch.no_grad(), pytest.warns(UserWarning, match="DbrxExperts is traced as written.*'GELU'"):
+        assert rel_error(compiled(x), block(x)) <= 1e-6
+
+
+def _routing(tokens: int, experts: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(tokens)])
+    return ids, torch.rand(tokens, k, generator=g) + 0.1
+
+
+def test_the_public_op_reads_transformers_experts_modules() -> None:
+    """hetero.ops.moe_experts on GPT-OSS's, DBRX's and Llama-4's own experts modules computes what they do."""
+    x = torch.randn(6, 64)
+    ids, weights = _routing(6, 4, 2, seed=1)
+    with torch.no_grad():
+        experts = mm.tiny_transformers_moe("gpt_oss").model.layers[0].mlp.experts
+        assert rel_error(hetero.ops.moe_experts(x, ids, weights, experts), experts(x, ids, weights)) <= 1e-5
+        experts = mm.tiny_transformers_moe("dbrx").transformer.blocks[0].ffn.experts
+        expected = experts(x[None], ids, weights)[0]
+        assert rel_error(hetero.ops.moe_experts(x, ids, weights, experts), expected) <= 1e-5
+        # Llama-4's experts run densely on every expert's copy of the tokens, scaled by a dense score.
+        experts = mm.tiny_transformers_moe("llama4_text").model.layers[0].feed_forward.experts
+        score = torch.zeros(6, 4).scatter_(1, ids, weights)
+        expected = experts(x.repeat(4, 1) * score.t().reshape(-1, 1)).reshape(4, 6, 64).sum(0)
+        got = hetero.ops.moe_experts(x, ids, weights, experts, weights_on_input=True)
+        assert rel_error(got, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize(
+    "form",
+    [MoeForm(), MoeForm("swiglu_oss", (1.702, 0.5)), MoeForm(weights_on_input=True)],
+    ids=str,
+)
+def test_the_host_kernel_computes_each_form_with_biases(form: MoeForm, dtype: str) -> None:
+    experts, hidden, inter = 4, 32, 24
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int, scale: float) -> list[torch.Tensor]:
+        return [torch.randn(*shape, generator=g) * scale]
+
+    gate, up, down = (
+        rand(experts, inter, hidden, scale=0.3),
+        rand(experts, inter, hidden, scale=0.3),
+        rand(experts, hidden, inter, scale=0.3),
+    )
+    biases = {
+        "gate_bias": rand(experts, inter, scale=0.5),
+        "up_bias": rand(experts, inter, scale=0.5),
+        "down_bias": rand(experts, hidden, scale=0.5),
+    }
+    x = torch.randn(9, hidden, generator=g)
+    ids, weights = _routing(9, experts, 2, seed=2)
+    ids[3, 1] = -1  # an id outside [0, E) contributes nothing
+    packed = PackedMoe(gate, up, down, dtype, **biases, form=form)
+    expected = moe_reference(
+        x,
+        ids,
+        weights,
+        gate,
+        up,
+        down,
+        form.activation,
+        **biases,
+        activation_params=form.activation_params,
+        weights_on_input=form.weights_on_input,
+    )
+    assert rel_error(packed(x, ids, weights), expected) <= {"fp32": 1e-5, "bf16": 2e-2, "int8": 6e-2}[dtype]

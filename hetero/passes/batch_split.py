@@ -663,7 +663,8 @@ def _grouped_mm(node: fx.Node, a: Args, env: _Env) -> Fact:
 
 def _moe_experts(node: fx.Node, a: Args, env: _Env) -> Fact:
     tokens = [env.dim(a[k]) for k in ("hidden", "topk_ids", "topk_weights")]
-    if tokens != [0, 0, 0] or any(env.dim(w) is not None for k in ("gate", "up", "down") for w in a[k]):
+    lists = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")  # a missing bias is None
+    if tokens != [0, 0, 0] or any(env.dim(w) is not None for k in lists for w in a.get(k) or ()):
         raise _Reject("it needs the tokens in dim 0 of hidden, ids and weights, and shared experts")
     return 0
 

@@ -3,8 +3,9 @@
 Expects: an ATen graph from AOTAutograd whose nodes carry Dynamo's `nn_module_stack`; real
 parameter values in ctx.params (to verify rewrites).
 Guarantees: each call_function node that ran inside a recognised module has `hetero.region` =
-Region(kind, module path); every MoE experts subgraph that verifiably computes SiLU-gated
-experts is replaced by one `hetero.moe_experts` op; a `moe` region that could not be rewritten
+Region(kind, module path); every MoE experts subgraph that verifiably computes gated experts
+(SiLU, GPT-OSS's clamped SwiGLU; biases; routing weights on the output or, Llama-4, on the input)
+is replaced by one `hetero.moe_experts` op; a `moe` region that could not be rewritten
 carries the reason in `hetero.unlowered`.
 
 Regions come from the module stack, by the rules in `REGION_RULES`, tried in order; the first
@@ -41,15 +42,19 @@ from hetero.passes.moe_recognition import MoeMatch, Rejection, find_moe
 
 @dataclass(frozen=True)
 class RegionRule:
-    """Frames whose class or path matches (and whose class is not `unless`) are regions of `kind`."""
+    """Frames whose class or path matches (and whose class is not `unless`, nor path `unless_path`) are
+    regions of `kind`."""
 
     kind: RegionKind
     cls: str | None = None
     path: str | None = None
     unless: str | None = None
+    unless_path: str | None = None
 
     def matches(self, frame: ModuleFrame) -> bool:
         if self.unless and re.search(self.unless, frame.cls):
+            return False
+        if self.unless_path and re.search(self.unless_path, frame.path):
             return False
         return bool(
             (self.cls and re.search(self.cls, frame.cls)) or (self.path and re.search(self.path, frame.path))
@@ -60,8 +65,9 @@ _MOE_BLOCK = r"MoE|Moe|MixtureOfExperts"
 _EXPERT_INDEX = re.compile(r"(^|\.)experts\.\d+$")
 
 REGION_RULES: tuple[RegionRule, ...] = (
-    # Experts: a grouped experts module, or one entry of an experts ModuleList ("experts.3").
-    RegionRule("moe", cls=r"Experts$", path=r"(^|\.)experts(\.\d+)?$"),
+    # Experts: a grouped experts module, or one entry of an experts ModuleList ("experts.3"); shared
+    # experts (every token, no routing) are a dense MLP.
+    RegionRule("moe", cls=r"Experts$", path=r"(^|\.)experts(\.\d+)?$", unless_path=r"(^|\.)shared_experts?$"),
     RegionRule("router", cls=r"Router$", path=r"(^|\.)mlp\.gate$"),
     RegionRule("attention", cls=r"Attention|Rotary", path=r"(^|\.)(self_attn|attn|attention|rotary_emb)$"),
     RegionRule("embedding", cls=r"^Embedding$", path=r"(^|\.)(embed_tokens|wte|tok_embeddings)$"),
@@ -181,14 +187,24 @@ def _rewrite_moe_experts(gm: fx.GraphModule, ctx: PassContext) -> int:
     return fired
 
 
+_ROLES = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
+
+
 def _replace(gm: fx.GraphModule, match: MoeMatch) -> None:
     graph = gm.graph
     out = match.nodes[-1]
     anchor = next(n for n in reversed(match.nodes) if meta.region(n) == match.region)
-    origin = f"canonicalize: {len(match.nodes)} ops of {match.region} (recipe {match.recipe.name})"
+    origin = (
+        f"canonicalize: {len(match.nodes)} ops of {match.region} (recipe {match.recipe.name}; {match.form})"
+    )
 
-    def emit(target: torch._ops.OpOverload, args: tuple[object, ...], value: object) -> fx.Node:
-        node = graph.create_node("call_function", target, args, name=target._opname)
+    def emit(
+        target: torch._ops.OpOverload,
+        args: tuple[object, ...],
+        value: object,
+        kwargs: dict[str, object] | None = None,
+    ) -> fx.Node:
+        node = graph.create_node("call_function", target, args, kwargs or {}, name=target._opname)
         node.meta["val"] = value
         node.meta["nn_module_stack"] = anchor.meta.get("nn_module_stack", {})
         node.meta[meta.REGION] = match.region
@@ -202,15 +218,25 @@ def _replace(gm: fx.GraphModule, match: MoeMatch) -> None:
         if h_val.dim() != 2:
             shape = [-1, h_val.shape[-1]]
             hidden = emit(aten.reshape.default, (hidden, shape), h_val.reshape(shape))
-        lists = []
-        for entries in (match.recipe.gate, match.recipe.up, match.recipe.down):
-            items = []
+        weights = match.topk_weights
+        for op in match.weight_ops:  # dense routing: the score's elementwise ops, on the top-k values only
+            value = op.target(meta.val(weights), *op.args[1:], **op.kwargs)
+            weights = emit(op.target, (weights, *op.args[1:]), value, dict(op.kwargs))
+        lists: dict[str, list[fx.Node]] = {}
+        for role, entries in zip(_ROLES, match.recipe.lists(), strict=True):
             for name, spec in entries:
-                param = next(n for n in graph.nodes if n.op == "placeholder" and n.name == name)
-                items.append(param if spec is None else emit(*_view_of(param, spec)))
-            lists.append(items)
-        args = (hidden, match.topk_ids, match.topk_weights, *lists, "silu")
-        op = emit(torch.ops.hetero.moe_experts.default, args, torch.empty_like(meta.val(hidden)))
+                node = next(n for n in graph.nodes if n.op == "placeholder" and n.name == name)
+                for step in spec:
+                    node = emit(*_view_of(node, step))
+                lists.setdefault(role, []).append(node)
+        form = match.form
+        kwargs: dict[str, object] = {role: lists[role] for role in _ROLES[3:] if role in lists}
+        if form.activation_params:
+            kwargs["activation_params"] = list(form.activation_params)
+        if form.weights_on_input:
+            kwargs["weights_on_input"] = True
+        args = (hidden, match.topk_ids, weights, lists["gate"], lists["up"], lists["down"], form.activation)
+        op = emit(torch.ops.hetero.moe_experts.default, args, torch.empty_like(meta.val(hidden)), kwargs)
         result = op
         if tuple(meta.val(out).shape) != tuple(meta.val(op).shape):
             result = emit(aten.reshape.default, (op, list(meta.val(out).shape)), meta.val(out))
@@ -218,15 +244,29 @@ def _replace(gm: fx.GraphModule, match: MoeMatch) -> None:
     for node in reversed(match.nodes):
         if not node.users:
             graph.erase_node(node)
+    if match.dense_score is not None:
+        _erase_dead_score(graph, match.dense_score)
     gm.recompile()
 
 
-def _view_of(param: fx.Node, spec: tuple[object, ...]) -> tuple[object, tuple[object, ...], object]:
+def _erase_dead_score(graph: fx.Graph, score: fx.Node) -> None:
+    """The dense routing score, its scatter and fill, once nothing reads them (only the experts did)."""
+    node: object = score
+    while isinstance(node, fx.Node) and node.op == "call_function" and not node.users:
+        inputs = node.all_input_nodes
+        graph.erase_node(node)
+        # Down the chain: the first input (the scatter's base is its first; ids and values stay).
+        node = inputs[0] if inputs else None
+
+
+def _view_of(node: fx.Node, step: tuple[object, ...]) -> tuple[object, tuple[object, ...], object]:
     aten = torch.ops.aten
-    value = meta.val(param)
-    if spec[0] == "slice":
-        return aten.slice.Tensor, (param, 1, spec[1], spec[2]), value[:, spec[1] : spec[2]]
-    return aten.slice.Tensor, (param, 1, spec[1], value.shape[1], 2), value[:, spec[1] :: 2]
+    value = meta.val(node)
+    if step[0] == "transpose":
+        return aten.transpose.int, (node, 1, 2), value.transpose(1, 2)
+    if step[0] == "slice":
+        return aten.slice.Tensor, (node, 1, step[1], step[2]), value[:, step[1] : step[2]]
+    return aten.slice.Tensor, (node, 1, step[1], value.shape[1], 2), value[:, step[1] :: 2]
 
 
 COUNTS_REWRITES = True  # each recognised MoE layer is one bisect step (ctx.allow)

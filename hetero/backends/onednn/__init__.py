@@ -51,18 +51,21 @@ def bind(sub: fx.GraphModule, values: ParamValues) -> Binding:
 
         def build(kernel: object = kernel) -> PackedMoe | PackedLinear:
             weights = kernel.recipe(*[values.get(n) for n in kernel.params])
-            return (
-                PackedMoe(*weights, kernel.dtype)
-                if kernel.kind == "moe"
-                else PackedLinear(*weights, kernel.dtype)
-            )
+            if kernel.kind != "moe":
+                return PackedLinear(*weights, kernel.dtype)
+            biases = dict(zip(("gate_bias", "up_bias", "down_bias"), weights[3:], strict=False))
+            return PackedMoe(*weights[:3], kernel.dtype, **biases, form=kernel.form)
 
-        key = ("onednn", kernel.kind, kernel.dtype, _structure(kernel.recipe))
+        key = ("onednn", kernel.kind, kernel.dtype, str(kernel.form), _structure(kernel.recipe))
         packed = values.memo(key, kernel.params, build)
         node.update_arg(len(node.args) - 1, register(packed))
         binding.packed.append(packed)
         binding.weights.extend(kernel.params)
-        count = {"experts": packed.experts} if kernel.kind == "moe" else {"linears": kernel.experts}
+        count = (
+            {"experts": packed.experts, "form": str(packed.form)}
+            if kernel.kind == "moe"
+            else {"linears": kernel.experts}
+        )
         binding.kernels.append(
             {
                 "region": str(meta.region(node)),

@@ -63,19 +63,21 @@ def _run_kernels() -> None:
 
 
 def _run_real_kernels() -> None:
-    x = torch.randn(4, 64)
-    w = torch.randn(32, 64)
+    # 256 x 256: on small problems (K or N of 64) oneDNN runs int8 without AMX even where it has it
+    # (they do not fill its tiles), and the probe must see what real layers get.
+    x = torch.randn(4, 256)
+    w = torch.randn(256, 256)
     for dtype in (torch.float32, torch.bfloat16):
         packed = torch.ops.mkldnn._reorder_linear_weight(w.to(dtype), 4)
         torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, None, "none", [], "")
-    q = torch.ops.onednn.qlinear_prepack(torch.randint(-127, 127, (32, 64), dtype=torch.int8), [4, 64])
+    q = torch.ops.onednn.qlinear_prepack(torch.randint(-127, 127, (256, 256), dtype=torch.int8), [4, 256])
     torch.ops.onednn.qlinear_pointwise(
-        torch.randint(0, 255, (4, 64), dtype=torch.uint8),
+        torch.randint(0, 255, (4, 256), dtype=torch.uint8),
         0.1,
         128,
         q,
-        torch.ones(32),
-        torch.zeros(32, dtype=torch.long),
+        torch.ones(256),
+        torch.zeros(256, dtype=torch.long),
         None,
         1.0,
         0,

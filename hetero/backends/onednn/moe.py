@@ -3,7 +3,9 @@
 Weights are prepacked once into oneDNN's blocked layout, gate and up fused into one [2I, H]
 matrix per expert. A call groups the token-expert pairs by expert and runs, per expert with
 tokens, one gate_up GEMM and one down GEMM; SiLU·up, the routing weights and the scatter back to
-tokens run once over all pairs. Every GEMM uses all of oneDNN's threads.
+tokens run once over all pairs. Every GEMM uses all of oneDNN's threads. Biases are added by the GEMMs
+(gate and up biases fused like their weights); the activation is any of `hetero.ops.ACTIVATIONS`;
+with weights on the input (Llama-4) the routing weight scales each pair's row before the first GEMM.
 
 int8: weights are quantised per output channel (symmetric, int8); activations per call and per
 tensor (asymmetric, uint8); oneDNN's u8s8 matmul dequantises into the output dtype.
@@ -18,7 +20,7 @@ from typing import Any
 
 import torch
 
-from hetero.ops import expert_weight, num_experts, routing
+from hetero.ops import MoeForm, activation_fn, expert_bias, expert_weight, num_experts, routing
 
 _COMPUTE = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16}
 # Rows per expert the blocked layout is chosen for. Measured on an AVX-512-bf16 CPU (Zen 4), 1 to 12 rows:
@@ -27,7 +29,8 @@ _ROWS_HINT = 16
 
 
 class PackedMoe:
-    """One MoE layer's experts, prepacked for oneDNN."""
+    """One MoE layer's experts, prepacked for oneDNN: optional biases, any activation of
+    `hetero.ops.ACTIVATIONS`, routing weights on the experts' outputs or (Llama-4) inputs."""
 
     def __init__(
         self,
@@ -35,19 +38,48 @@ class PackedMoe:
         up: Sequence[torch.Tensor],
         down: Sequence[torch.Tensor],
         dtype: str,
+        *,
+        gate_bias: Sequence[torch.Tensor] | None = None,
+        up_bias: Sequence[torch.Tensor] | None = None,
+        down_bias: Sequence[torch.Tensor] | None = None,
+        form: MoeForm | None = None,
     ) -> None:
         if dtype not in _COMPUTE:
             raise ValueError(f"host MoE kernel: dtype {dtype!r} is not one of {sorted(_COMPUTE)}")
         self.dtype = dtype
         self.compute = _COMPUTE[dtype]
+        self.form = form or MoeForm()
+        self._act = activation_fn(self.form.activation, self.form.activation_params)
         self.experts = num_experts(gate)
         self.inter, self.hidden = expert_weight(gate, 0).shape
         self.gate_up: list[torch.Tensor] = []
         self.down: list[torch.Tensor] = []
         self.gate_up_scale: list[torch.Tensor] = []
         self.down_scale: list[torch.Tensor] = []
+        # Biases in the dtype the GEMM adds them in (fp32 for int8); None when a projection has none.
+        bias_dtype = torch.float32 if dtype == "int8" else self.compute
+        self.gate_up_bias: list[torch.Tensor] | None = None
+        self.down_bias: list[torch.Tensor] | None = None
         self.nbytes = 0
         with torch.no_grad():
+            if gate_bias or up_bias:
+                zeros = torch.zeros(self.inter, dtype=bias_dtype)
+                self.gate_up_bias = [
+                    torch.cat(
+                        [
+                            expert_bias(b, e).to("cpu", bias_dtype) if b else zeros
+                            for b in (gate_bias, up_bias)
+                        ]
+                    )
+                    for e in range(self.experts)
+                ]
+            if down_bias:
+                # A copy: the model's own bias may be freed once packed (release_weights).
+                self.down_bias = [
+                    expert_bias(down_bias, e).to("cpu", bias_dtype, copy=True) for e in range(self.experts)
+                ]
+            for biases in (self.gate_up_bias, self.down_bias):
+                self.nbytes += sum(b.numel() * b.element_size() for b in biases or ())
             for e in range(self.experts):
                 # One expert at a time, on the host: peak memory is one expert's plain copy.
                 fused = torch.cat([expert_weight(gate, e), expert_weight(up, e)]).to("cpu", self.compute)
@@ -73,15 +105,28 @@ class PackedMoe:
         out = torch.zeros(hidden.shape[0], self.hidden, dtype=torch.float32)
         if pairs == 0:
             return out.to(hidden.dtype)
+        pair_weights = topk_weights.reshape(-1)[order[:pairs], None]
         x = hidden.index_select(0, tokens[:pairs]).to(self.compute)
-        gate_up = self._grouped(x, counts, self.gate_up, self.gate_up_scale)
-        h = torch.nn.functional.silu(gate_up[:, : self.inter]).mul_(gate_up[:, self.inter :])
-        y = self._grouped(h, counts, self.down, self.down_scale)
-        y = y.float().mul_(topk_weights.reshape(-1)[order[:pairs], None].float())
+        if self.form.weights_on_input:
+            x.mul_(pair_weights.to(self.compute))
+        gate_up = self._grouped(x, counts, self.gate_up, self.gate_up_scale, self.gate_up_bias)
+        gate, up = gate_up[:, : self.inter], gate_up[:, self.inter :]
+        if self.form.activation == "silu":
+            h = torch.nn.functional.silu(gate).mul_(up)
+        else:
+            h = self._act(gate, up)
+        y = self._grouped(h, counts, self.down, self.down_scale, self.down_bias).float()
+        if not self.form.weights_on_input:
+            y.mul_(pair_weights.float())
         return out.index_add_(0, tokens[:pairs], y).to(hidden.dtype)
 
     def _grouped(
-        self, x: torch.Tensor, counts: list[int], weights: list[torch.Tensor], scales: list[torch.Tensor]
+        self,
+        x: torch.Tensor,
+        counts: list[int],
+        weights: list[torch.Tensor],
+        scales: list[torch.Tensor],
+        biases: list[torch.Tensor] | None,
     ) -> torch.Tensor:
         """Rows of x grouped by expert (counts[e] rows each), each group times its expert's weight."""
         if self.dtype == "int8":
@@ -102,7 +147,7 @@ class PackedMoe:
                         weights[e],
                         scales[e],
                         zeros,
-                        None,
+                        biases[e] if biases else None,
                         1.0,
                         0,
                         self.compute,
@@ -112,7 +157,8 @@ class PackedMoe:
                     )
                 )
             else:
-                parts.append(torch.ops.mkldnn._linear_pointwise(rows, weights[e], None, "none", [], ""))
+                bias = biases[e] if biases else None
+                parts.append(torch.ops.mkldnn._linear_pointwise(rows, weights[e], bias, "none", [], ""))
             start += n
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
