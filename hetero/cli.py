@@ -10,7 +10,7 @@
     hetero bench engram|mla [--json]    the Engram block; the MLA prologue (GPU)
     hetero bench pipeline [--json]      pipelined stream schedule vs sequential, and its simulation
 
-Exit codes: 0 success, 1 failure, 2 usage error.
+Exit codes: 0 success, 1 a run that failed or a check that differed, 2 a usage or configuration error.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hetero.compiler.errors import HeteroError
+from hetero.compiler.errors import ConfigError, HeteroError, TargetError
 
 EXAMPLES = {
     "": """examples:
@@ -38,6 +38,8 @@ EXAMPLES = {
     "explain": """examples:
   hetero explain zoo:deepseek-v3-tiny
   hetero explain zoo:qwen3-moe-tiny --json -O accel_memory_budget=200KiB
+  hetero explain arch:gpt_oss                 # a tiny transformers MoE architecture
+  hetero explain --architectures              # every one of them: what hetero does with its experts
   hetero explain path/to/model.py:make     # make() returns (model, example_inputs)
   hetero explain --list
 """,
@@ -123,6 +125,11 @@ def _parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print the report as JSON (the summary.json dict)"
     )
     explain.add_argument("--list", action="store_true", help="list the zoo models and exit")
+    explain.add_argument(
+        "--architectures",
+        action="store_true",
+        help="compile every transformers MoE architecture (tiny, arch:MODEL_TYPE) and print what each gets",
+    )
     _add_options_flag(explain)
     _passes_parser(sub)
     _viz_parser(sub)
@@ -214,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from hetero.demo import run_demo
 
-            return run_demo(args.model, args.dtype, args.steps, args.dump_dir, dict(args.option))
+            return run_demo(args.model, args.dtype, args.steps, args.dump_dir, _options(parser, args.option))
         if args.command == "explain":
             return _explain(parser, args)
         if args.command == "passes":
@@ -233,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
             import importlib
 
             return importlib.import_module(f"hetero.bench.{args.name}").main(as_json=args.json)
+    except (ConfigError, TargetError) as e:  # what the user asked for cannot be had: a usage error
+        print(f"hetero: error: {e}", file=sys.stderr)
+        return 2
     except HeteroError as e:
         print(f"hetero: error: {e}", file=sys.stderr)
         return 1
@@ -314,16 +324,24 @@ def _split(text: str | None) -> list[str]:
 def _explain(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.list:
         from hetero import zoo
+        from hetero.zoo import architectures
 
         print("\n".join(f"zoo:{name}" for name in zoo.names()))
+        print("\n".join(f"arch:{name}" for name in architectures.names()))
+        return 0
+    if args.architectures:
+        from hetero.commands.architectures import table
+
+        print(table(_options(parser, args.option), as_json=args.json), end="")
         return 0
     if not args.target:
         parser.error("explain needs a TARGET (zoo:NAME or path/to/file.py:factory); see --list")
     import hetero
     from hetero.targets import load_target
 
+    options = _options(parser, args.option)
     model, inputs = load_target(args.target)
-    report = hetero.explain(model, *inputs, **dict(args.option))
+    report = hetero.explain(model, *inputs, **options)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

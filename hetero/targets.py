@@ -1,5 +1,6 @@
-"""CLI targets: `zoo:NAME` or `path/to/file.py:factory`, where factory() returns (model, example_inputs);
-and user functions (passes) named the same way."""
+"""CLI targets: `zoo:NAME`, `arch:MODEL_TYPE` (a tiny transformers MoE architecture) or
+`path/to/file.py:factory`, where factory() returns (model, example_inputs); and user functions (passes)
+named the same way."""
 
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ def load_target(spec: str) -> tuple[torch.nn.Module, tuple[Any, ...]]:
 
         built = zoo.build(spec[len("zoo:") :])
         return built.model, built.example_inputs
+    if spec.startswith("arch:"):  # a transformers MoE architecture, tiny (hetero.zoo.architectures)
+        from hetero.zoo import architectures
+
+        built = architectures.build(spec[len("arch:") :])
+        return built.model, built.example_inputs
     factory = load_callable(spec, "target")
     factory_name = spec.rpartition(":")[2]
     result = factory()
@@ -38,7 +44,7 @@ def load_callable(spec: str, what: str) -> Callable[..., Any]:
     if not sep or not path or not name:
         raise TargetError(
             f"cannot read {what} {spec!r}; write path/to/file.py:function or package.module:function"
-            + (" (or zoo:NAME)" if what == "target" else "")
+            + (" (or zoo:NAME, arch:MODEL_TYPE)" if what == "target" else "")
         )
     if path.endswith(".py"):
         module = _load_file(spec, path, what)

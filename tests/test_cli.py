@@ -70,9 +70,16 @@ def test_explain_file_target(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("argv", "code", "message"),
     [
-        (["explain", "zoo:nope"], 1, "unknown zoo model 'nope'"),
-        (["explain", "missing.py:make"], 1, "no such file"),
-        (["explain", "zoo:llama-tiny", "-O", "stict=true"], 1, "did you mean 'strict'"),
+        # Every usage or configuration mistake is exit code 2, whichever command finds it.
+        (["explain", "zoo:nope"], 2, "unknown zoo model 'nope'"),
+        (["explain", "missing.py:make"], 2, "no such file"),
+        (["explain", "zoo:llama-tiny", "-O", "stict=true"], 2, "did you mean 'strict'"),
+        (["explain", "zoo:llama-tiny", "-O", "nosuch=1"], 2, "unknown option 'nosuch'"),
+        (["explain", "zoo:llama-tiny", "-O", "host_dtype=int3"], 2, "host_dtype"),
+        (["passes", "zoo:llama-tiny", "-O", "print_after=nosuchpass"], 2, "nosuchpass"),
+        (["passes", "zoo:llama-tiny", "--print-after=nosuchpass"], 2, "nosuchpass"),
+        (["demo", "-O", "nosuch=1"], 2, "unknown option 'nosuch'"),
+        (["viz", "zoo:nope", "--out", "unused"], 2, "unknown zoo model 'nope'"),
         (["explain"], 2, "needs a TARGET"),
         (["frobnicate"], 2, "invalid choice"),
     ],
@@ -86,6 +93,20 @@ def test_errors_and_exit_codes(
         result = e.code
     assert result == code
     assert message in capsys.readouterr().err
+
+
+def test_a_run_that_fails_exits_1(tmp_path: Path) -> None:
+    (tmp_path / "broken.py").write_text(
+        "import torch\n"
+        "class Broken(torch.nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        raise RuntimeError('the model itself failed')\n"
+        "def make():\n"
+        "    return Broken(), (torch.randn(2, 4),)\n"
+    )
+    done = _run("explain", "broken.py:make", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "the model itself failed" in done.stderr
 
 
 def test_list_and_help(capsys: pytest.CaptureFixture[str]) -> None:

@@ -172,9 +172,10 @@ def test_bad_token_ids_are_a_clear_error_before_any_lookup(mode: str, bad: int) 
             compiled(hidden, bad_ids)
 
 
-def test_in_the_whole_model_the_lookups_check_comes_first() -> None:
-    # The base model's token embedding would fail on a bad id too (IndexError); compiled, the hoisted
-    # lookup runs first and its error is the one reported.
+def test_in_the_whole_model_bad_ids_are_refused_before_anything_runs() -> None:
+    # The base model's token embedding fails on a bad id (IndexError), and so would the hoisted lookup;
+    # compiled, the call's argument check refuses the ids before any task starts, as eager's IndexError,
+    # whichever task would have met them first.
     built = zoo.build("engram-tiny")
     compiled = torch.compile(built.model, backend="hetero", options={"partition_compiler": "eager"})
     ids = built.make_inputs()[0].clone()
@@ -183,8 +184,11 @@ def test_in_the_whole_model_the_lookups_check_comes_first() -> None:
         with torch.no_grad():
             compiled(ids)
         ids[0, 0] = 10**6
-        with pytest.raises(RuntimeError, match=r"token ids must lie in \[0, 512\)"), torch.no_grad():
+        with pytest.raises(IndexError, match=r"token ids must lie in \[0, 512\)"), torch.no_grad():
             compiled(ids)
+        with torch.no_grad():  # the next call works
+            ids[0, 0] = 3
+            assert compiled(ids).logits.shape[:2] == ids.shape
 
 
 class MappedEngram(torch.nn.Module):

@@ -19,17 +19,23 @@ from typing import Any
 import torch
 from torch import fx
 
+from hetero import transformers_compat
 from hetero.compiler import meta
 from hetero.compiler.config import HeteroConfig, Target
 from hetero.compiler.dump import DumpFolder
 from hetero.compiler.errors import ConfigError, FallbackError, HeteroError
 from hetero.compiler.graph_data import graph_data
+from hetero.compiler.guards import check_arguments, index_checks
 from hetero.compiler.meta import ParamInfo
 from hetero.compiler.pipeline import Diagnostics, PassContext, pipeline_for, run_pipeline
 from hetero.compiler.report import Report, build_report, publish
+from hetero.compiler.split_experts import ExpertsWatch, calling_model, compiled_frame_module, lowered_experts
 from hetero.compiler.units import format_bytes
 from hetero.compiler.weights import ParamValues
 from hetero.viz.graph import dot_text
+
+# Experts loops that break Dynamo's graph (DBRX) trace as one hetero.moe_experts, for hetero's graphs only.
+transformers_compat.install()
 
 
 def hetero_backend(
@@ -38,6 +44,45 @@ def hetero_backend(
     *,
     options: dict[str, Any] | None = None,
     mode: str | None = None,
+) -> Callable[..., Any]:
+    """Dynamo calls this for each graph it captures, at the model's first call (and at each recompile).
+
+    Options are therefore validated at the first call, not at `torch.compile(...)`: Dynamo hands a
+    backend its options only when it compiles a graph. A `HeteroError` raised here reaches the caller
+    as itself (see `_through_dynamo`), so `except hetero.ConfigError` works around the model call.
+    """
+    try:
+        return _compile_graph(gm, example_inputs, options, mode)
+    except HeteroError as e:
+        raise _through_dynamo(e) from e.__cause__
+
+
+def _through_dynamo(error: HeteroError) -> HeteroError:
+    """The same error, as a subclass of its own type that Dynamo passes through unwrapped.
+
+    Dynamo wraps whatever a backend raises in `BackendCompilerFailed`, which `except hetero.HeteroError`
+    does not catch; it re-raises its own `ShortenTraceback` errors as they are. The returned error is an
+    instance of `type(error)` and of `ShortenTraceback`, with the same message and attributes.
+    """
+    from torch._dynamo.exc import ShortenTraceback
+
+    if isinstance(error, ShortenTraceback):
+        return error
+    surfaced = _surfaced_class(type(error), ShortenTraceback)
+    clone = surfaced.__new__(surfaced)
+    clone.__dict__.update(error.__dict__)
+    clone.args = error.args
+    clone.first_useful_frame = None
+    return clone.with_traceback(error.__traceback__)
+
+
+@functools.cache
+def _surfaced_class(cls: type[HeteroError], dynamo_passes: type[Exception]) -> type[HeteroError]:
+    return type(cls.__name__, (cls, dynamo_passes), {"__module__": cls.__module__, "__init__": cls.__init__})
+
+
+def _compile_graph(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict[str, Any] | None, mode: str | None
 ) -> Callable[..., Any]:
     if mode not in (None, "default"):
         raise ConfigError(
@@ -51,7 +96,8 @@ def hetero_backend(
         isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs
     ):
         return _compile_for_autograd(gm, example_inputs, config, target, name)
-    flat_inputs, params = _flat_inputs(gm, example_inputs)
+    prefix = _anchor_module_paths(gm)
+    flat_inputs, params = _flat_inputs(gm, example_inputs, prefix)
     # Real tensors of parameters, for weights that must be copied to another device once.
     weights = {i: t for i, (t, p) in enumerate(zip(flat_inputs, params, strict=True)) if p is not None}
 
@@ -91,9 +137,10 @@ def compile_inference(
     dump = _open_dump(config, name)
     pipeline = pipeline_for(config)
     pass_names = [p.name for p in pipeline]
-    captured = _copy_graph(gm) if config.stop_after is not None else None
+    captured = _copy_graph(gm)  # the passes rewrite gm in place
+    checks = index_checks(gm)
     gm, records = run_pipeline(gm, ctx, pipeline, dump=dump)
-    if captured is not None:
+    if config.stop_after is not None:
         return _stopped(gm, captured, ctx, pass_names, records, dump)
     schedule = gm.meta[meta.SCHEDULE]
     from torch._subclasses.fake_tensor import unset_fake_temporarily
@@ -115,22 +162,45 @@ def compile_inference(
             host_device=target.host_device,
             on_fallback=lambda task, error: _record_runtime_fallback(report_box[0], dump, task, error),
             inject=config.inject_fault,
+            other_weights=lambda args: list(captured(*args)),
+            on_other_weights=lambda: _record_other_weights(report_box[0], dump),
         ),
         on_spans=_timeline_writer(dump) if dump is not None else None,
         params=list(weights.values()),
+        checks=checks,
+        bound=weights,
     )
-    released = _release_weights(gm, values, host.weights, weights.values()) if config.release_weights else 0
+    # A graph of a submodule's method (compiled on its own after a graph break) runs between eager code
+    # that may read the same weights: its weights are kept.
+    whole = compiled_frame_module() in (None, calling_model())
+    released = (
+        _release_weights(gm, values, host.weights, weights.values())
+        if config.release_weights and whole
+        else 0
+    )
     report = _pipeline_report(gm, ctx, pass_names, records, compilers, dump)
     report.host_kernels = host.kernels
     report.released_weight_bytes = released
     report.host_isa = _host_isa(host.kernels)
     report_box.append(report)
+    split = _EXPERTS_WATCH.check(
+        calling_model(), compiled_frame_module(), lowered_experts(report), config.strict
+    )
     report.schedule = _schedule_summary(schedule, executor.mode)
+    if split is not None:  # one entry for the split layers, said once per model by the watch
+        report.fallbacks = [f for f in report.fallbacks if f["node"].split(":", 1)[-1] not in split.modules]
+    _announce(report)
+    if split is not None:
+        where = ", ".join(split.modules)
+        report.fallbacks.append({"node": where, "op": "moe", "module": where, "reason": split.reason()})
     if dump is not None:
         _write_dump(dump, report, config, schedule.to_json(), graph_data(gm, name))
-    _announce(report)
     publish(report)
     return executor
+
+
+# Models whose experts a graph break kept from host kernels, warned about once each (held weakly).
+_EXPERTS_WATCH = ExpertsWatch()
 
 
 def _copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
@@ -229,6 +299,27 @@ def _record_runtime_fallback(
         }
     )
     report.runtime_fallbacks[task.name] = report.runtime_fallbacks.get(task.name, 0) + 1
+    if dump is not None:
+        try:
+            dump.write_json("summary.json", report.to_dict())
+        except OSError as e:
+            warnings.warn(f"hetero: updating {dump.path}/summary.json failed: {e}", stacklevel=2)
+
+
+def _record_other_weights(report: Report, dump: DumpFolder | None) -> None:
+    """Said once per graph: Dynamo called it with other weights than it was compiled for."""
+    if report.runtime_fallbacks.get("<other weights>"):
+        report.runtime_fallbacks["<other weights>"] += 1
+        return
+    report.runtime_fallbacks["<other weights>"] = 1
+    reason = (
+        "Dynamo reused this graph for another instance of the same module (its parameters are graph "
+        "inputs), but hetero's kernels hold the weights it was compiled with; calls with other weights run "
+        "the captured graph eagerly. This happens to a submodule's method compiled on its own after a graph "
+        "break: remove the break to compile the layer whole"
+    )
+    report.fallbacks.append({"node": report.graph, "op": "graph", "module": "<graph>", "reason": reason})
+    warnings.warn(f"hetero: {report.graph}: {reason}", stacklevel=3)
     if dump is not None:
         try:
             dump.write_json("summary.json", report.to_dict())
@@ -402,26 +493,64 @@ def _compile_for_autograd(
         _write_dump(dump, report, config, None, None)
     _announce(report)
     publish(report)
-    return compile_fx(gm, example_inputs)
+    compiled = compile_fx(gm, example_inputs)
+    checks = index_checks(gm)
+    if not checks:
+        return compiled
+
+    def guarded(*args: Any) -> Any:
+        check_arguments(checks, args)
+        return compiled(*args)
+
+    return guarded
+
+
+def _anchor_module_paths(gm: fx.GraphModule) -> str:
+    """Make module paths the model's when Dynamo compiles a method of a submodule; returns its path.
+
+    After a graph break inside a submodule (an experts loop, say), Dynamo compiles the rest of that
+    submodule's method as a graph of its own, and names modules and parameters relative to it
+    ("mlp.experts"), so two layers' regions would share one name. The submodule's path in the model
+    (found from the call stack) is put in front of every module path, and the submodule itself becomes
+    the outermost frame of every node, so code written directly in its method belongs to it too.
+    """
+    model, frame = calling_model(), compiled_frame_module()
+    if model is None or frame is None or frame is model:
+        return ""
+    path = next((p for p, m in model.named_modules() if m is frame), "")
+    if not path:
+        return ""
+    root = (f"L['self'].{path}", type(frame).__name__)
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        anchored = {"hetero.frame": root}
+        for key, (raw, cls) in stack.items():
+            inner = meta.normalise_module_path(raw)
+            anchored[key] = (f"{root[0]}.{inner}" if inner else root[0], cls)
+        node.meta["nn_module_stack"] = anchored
+    return path
 
 
 def _flat_inputs(
-    gm: fx.GraphModule, example_inputs: Sequence[Any]
+    gm: fx.GraphModule, example_inputs: Sequence[Any], prefix: str = ""
 ) -> tuple[list[Any], list[ParamInfo | None]]:
     """AOTAutograd's flat inputs (the graph module's own parameters and buffers, then the arguments),
-    each with its ParamInfo when it is a model parameter or buffer."""
+    each with its ParamInfo when it is a model parameter or buffer (names under `prefix`, the compiled
+    method's module, when it is not the model's own)."""
     own = {
         **dict(gm.named_parameters(remove_duplicate=False)),
         **dict(gm.named_buffers(remove_duplicate=False)),
     }
     flat = list(own.values()) + list(example_inputs)
+    lead = f"{prefix}." if prefix else ""
     infos: list[ParamInfo | None] = [
-        ParamInfo(fqn, t.numel() * t.element_size(), is_buffer=not isinstance(t, torch.nn.Parameter))
+        ParamInfo(lead + fqn, t.numel() * t.element_size(), is_buffer=not isinstance(t, torch.nn.Parameter))
         for fqn, t in own.items()
     ]
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, value in zip(placeholders, example_inputs, strict=True):
-        infos.append(_param_info(node, value))
+        info = _param_info(node, value)
+        infos.append(dataclasses.replace(info, fqn=lead + info.fqn) if info is not None and lead else info)
     return flat, infos
 
 

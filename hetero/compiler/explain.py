@@ -66,6 +66,10 @@ def _experts_no_graph_held(
     from hetero.passes.canonicalize import region_of
 
     seen = {r["module"] for report in reports for r in report.regions if r["kind"] == "moe"}
+    # Graphs that read a piece of a layer already reported it (the backend's split-experts check).
+    seen |= {
+        m for report in reports for f in report.fallbacks if f["op"] == "moe" for m in f["module"].split(", ")
+    }
 
     def covered(path: str) -> bool:  # a region at the block covers its experts module, and vice versa
         return any(m == path or path.startswith(m + ".") or m.startswith(path + ".") for m in seen)

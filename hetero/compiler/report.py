@@ -8,9 +8,11 @@
      "fallbacks": [{"node", "op", "module", "reason"}],
      "budget": {...}, "dump": str|None,
      "host_isa": str,                       # what oneDNN dispatches host kernels to, e.g. "avx512_core_amx"
-     "host_kernels": [{"region", "kind", "backend", "dtype", "experts" | "linears", "packed_bytes"}],
+     "host_kernels": [{"region", "kind", "backend", "dtype", "experts" + "form" | "linears",
+                       "packed_bytes"}],     # form: the activation and routing, e.g. "swiglu_oss(...)"
      "released_weight_bytes": int,          # the model's copies of prepacked weights, freed
-     "runtime_fallbacks": {task: int},      # accel tasks that raised and now run on the host
+     "runtime_fallbacks": {task: int},      # accel tasks that raised and now run on the host, and
+                                            # "<other weights>": calls that ran the captured graph
      "schedule": {"mode", "micro_batches", "streams", "predicted_us": {"sequential", "pipelined"}},
      "bisect_steps": [{"number", "pass_name", "what", "ran"}]}   # see bisect_limit
 
@@ -80,7 +82,12 @@ class Report:
             merged.partitions += [{**p, **tag} for p in r.partitions]
             merged.regions += [{**p, **tag} for p in r.regions]
             merged.transfers += [{**p, **tag} for p in r.transfers]
-            merged.fallbacks += [{**p, **tag} for p in r.fallbacks]
+            merged.host_kernels += [{**k, **tag} for k in r.host_kernels]
+            merged.released_weight_bytes += r.released_weight_bytes
+            said = {(f["node"], f["op"], f["reason"]) for f in merged.fallbacks}  # one entry per fallback
+            merged.fallbacks += [
+                {**p, **tag} for p in r.fallbacks if (p["node"], p["op"], p["reason"]) not in said
+            ]
         merged.graphs = list(reports)
         merged.graph_breaks = graph_breaks
         return merged
@@ -148,7 +155,11 @@ class Report:
                 lines.append(f"  moved to host to fit the budget: {m['module']} ({format_bytes(m['bytes'])})")
         lines.append(f"\nhost ISA (oneDNN): {self.host_isa}")
         for k in self.host_kernels:
-            count = f"{k['experts']} experts" if "experts" in k else f"{k['linears']} linears fused"
+            count = (
+                f"{k['experts']} experts, {k.get('form', 'silu')}"
+                if "experts" in k
+                else f"{k['linears']} linears fused"
+            )
             lines.append(
                 f"  {k['region']}: {k['backend']} {k['kind']} {k['dtype']}, {count}, "
                 f"{format_bytes(k['packed_bytes'])} prepacked"

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from hetero.compiler.guards import IndexCheck, check_arguments
 from hetero.compiler.schedule_ir import Schedule, Task
 from hetero.runtime import trace
 
@@ -53,6 +54,9 @@ class Fallback:
     host_device: torch.device
     on_fallback: Callable[[Task, BaseException], None] = lambda task, error: None
     inject: str | None = None  # a task name whose accel run raises InjectedFault
+    # Runs a call whose weights are not the ones this schedule was built for (the captured graph, eagerly).
+    other_weights: Callable[[list[Any]], list[Any]] | None = None
+    on_other_weights: Callable[[], None] = lambda: None
 
 
 class Executor:
@@ -69,12 +73,20 @@ class Executor:
         fallback: Fallback | None = None,
         on_spans: Callable[[list[trace.Span]], None] | None = None,
         params: Sequence[torch.Tensor] = (),
+        checks: Sequence[IndexCheck] = (),
+        bound: Mapping[int, torch.Tensor] | None = None,
     ) -> None:
         """`weights` maps the slot of each setup task's source (a parameter input) to its real tensor;
         `keepalive` holds what the kernels need for as long as this executor lives (prepacked weights);
         `on_spans`, when given, receives the spans of every call (the dump's timeline.json); `params`
-        are the model's parameters and buffers, by which hetero.reset(model) finds its executors."""
+        are the model's parameters and buffers, by which hetero.reset(model) finds its executors; `checks`
+        are run on each call's arguments before any task is issued (token ids out of range); `bound` maps
+        argument positions to the weights the kernels were built from (packed, or placed on a device
+        once): a call that passes other tensors there (Dynamo reuses a graph for another instance of the
+        same module) runs `fallback.other_weights` instead."""
         self.schedule = schedule
+        self._checks = tuple(checks)
+        self._bound = tuple((bound or {}).items())
         self._keepalive = list(keepalive)
         self._kernels = kernels
         self._size = len(schedule.values)
@@ -106,6 +118,11 @@ class Executor:
     # -- a call ----------------------------------------------------------------------------------
 
     def __call__(self, args: list[Any]) -> list[Any]:
+        check_arguments(self._checks, args)
+        if any(args[i] is not t for i, t in self._bound) and self._fallback is not None:
+            if self._fallback.other_weights is not None:
+                self._fallback.on_other_weights()
+                return self._fallback.other_weights(args)
         call = _Call(self, self._on_spans is not None)
         env = call.env
         for slot, value in zip(self.schedule.inputs, args, strict=True):
@@ -145,7 +162,8 @@ class Executor:
                 call.done[w].wait()
             if call.failure is None:
                 start = trace.now()
-                with call.on_stream(task):
+                # Worker threads start in grad mode (it is per thread); these are inference graphs.
+                with call.on_stream(task), torch.no_grad():
                     results = self._run(task, [call.env[i] for i in task.inputs])
                     for slot, value in zip(task.outputs, results, strict=True):
                         call.env[slot] = value
