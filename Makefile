@@ -1,6 +1,7 @@
 # make venv  — .venv with everything hetero and its tests need
 # make demo  — the main job: zoo:deepseek-v3-tiny split across accel and host, checked against eager
-# make test  — the test suite (CPU only; GPU tests skip without CUDA)
+# make test  — the test suite (CPU only; GPU tests skip without CUDA), less the `slow` tests
+# make test-slow — the `slow` tests (zoo models through Inductor, the costliest architectures, 4-rank EP)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -8,8 +9,10 @@ STAMP  := $(VENV)/.hetero-installed
 # The CPU build of torch 2.13.0 is a local file on the development and CI machines;
 # machines with a preinstalled torch (the GPU hosts) can use `make venv TORCH_SPEC=`.
 TORCH_SPEC ?= torch==2.13.0
+# pytest-xdist workers for `make test` (one per core; each worker runs torch with one thread).
+TEST_WORKERS ?= auto
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test test-slow lint clean
 
 # $(call system_package,COMMAND,DEBIAN_PACKAGE,WHAT_IS_LOST): install a Debian package when COMMAND is
 # missing and this is a Debian/Ubuntu machine where we are root; otherwise say what is lost, and go on.
@@ -40,7 +43,10 @@ demo: venv
 test: venv
 	$(call system_package,chromium,chromium,the test that renders report.html in a browser is skipped)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
+
+test-slow: venv
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m slow
 
 lint: venv
 	$(VENV)/bin/ruff check .

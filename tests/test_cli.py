@@ -85,14 +85,21 @@ def test_explain_file_target(tmp_path: Path) -> None:
     ],
 )
 def test_errors_and_exit_codes(
-    argv: list[str], code: int, message: str, capsys: pytest.CaptureFixture[str]
+    argv: list[str],
+    code: int,
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.chdir(tmp_path)
     try:
         result = main(argv)
     except SystemExit as e:  # argparse exits with 2 on usage errors
         result = e.code
     assert result == code
     assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir()), "a usage error wrote files"
 
 
 def test_a_run_that_fails_exits_1(tmp_path: Path) -> None:

@@ -83,7 +83,7 @@ def _numerics_worker(rank: int, ranks: int, port: int, out: str, hierarchical: i
 
 @pytest.mark.parametrize(
     ("ranks", "hierarchical", "same"),
-    [(2, 0, False), (4, 2, True)],
+    [(2, 0, False), pytest.param(4, 2, True, marks=pytest.mark.slow)],
     ids=["2-ranks-flat-own-inputs", "4-ranks-two-level-same-inputs"],
 )
 def test_expert_parallel_matches_single_process_eager(

@@ -18,15 +18,15 @@ from hetero.compiler.errors import HeteroError
 def run(target: str, out: Path, depth: int | None, options: dict[str, Any]) -> int:
     from hetero.viz import NO_DOT_HINT, write_pictures
 
-    claim(out, "--out")
     if Path(target).is_dir():
         folders = graph_folders(Path(target))
         if not folders:
             raise HeteroError(
                 f"{target!r} holds no hetero dumps (no summary.json, no numbered graph folders)"
             )
+        claim(out, "--out")
     else:
-        folders = _compile(target, out / "dumps", options)
+        folders = _compile(target, out, options)
     chosen = _largest(folders)
     if not (chosen / "graph.json").exists():
         raise HeteroError(
@@ -45,12 +45,15 @@ def run(target: str, out: Path, depth: int | None, options: dict[str, Any]) -> i
     return 0
 
 
-def _compile(target: str, dumps: Path, options: dict[str, Any]) -> list[Path]:
+def _compile(target: str, out: Path, options: dict[str, Any]) -> list[Path]:
+    """Load the target (a bad one is refused before anything is written), then compile it into out/dumps."""
     from hetero.compiler.explain import compile_and_run
     from hetero.targets import load_target
 
     with progress(f"loading {target}"):
         model, inputs = load_target(target)
+    claim(out, "--out")
+    dumps = out / "dumps"
     with progress(f"compiling and running {target} twice (dumps in {dumps})"):
         report, _ = compile_and_run(model, *inputs, calls=2, **{**options, "dump_dir": str(dumps)})
     folders = [Path(g.dump) for g in (report.graphs or [report]) if g.dump]
