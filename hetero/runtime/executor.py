@@ -4,14 +4,16 @@ The executor knows a Schedule and a table of compiled partitions, nothing of pas
 callable hetero hands back to AOTAutograd (boxed calling convention: it receives the argument
 list and clears it, so inputs can be freed as soon as the schedule is done with them).
 
-Pipelined (the default): every stream has one worker thread per process. A call issues all its
-tasks to their streams at once (under a lock, so concurrent calls queue in one consistent order
-and cannot deadlock); a task first waits for the tasks it reads from on other streams, then runs.
-The calling thread waits for the call's last task. On CUDA the accel and copy workers launch on
-their own CUDA streams and hand over with CUDA events (a host task synchronises on the event of
-the GPU work it reads; GPU streams wait on each other without blocking a thread). With accel = cpu
-the same workers run the same order, so CI tests the ordering logic. Sequential: every task in
-list order on the calling thread (also used when a schedule has one stream).
+Pipelined (the default): the executor owns a `Device` (hetero/runtime/device.py) and one of its
+streams per Schedule stream; the streams' threads stop when the executor is garbage-collected. A
+call issues all its tasks at once (under the executor's lock, so concurrent calls queue in one
+consistent order and cannot deadlock): for each task, its stream waits on the events of the tasks
+it reads from on other streams, runs it, and records its event. The calling thread then waits on
+the events of the tasks that produce the outputs and of each stream's last task. On CUDA the
+accel and copy streams are CUDA streams and hand over with CUDA events; with accel = cpu every
+stream is a thread with the same semantics, so CI tests the ordering logic, and a task that reads
+a value no event ordered before it fails loudly. Sequential: every task in list order on the
+calling thread (also used when a schedule has one stream).
 
 Each call has its own slots, so calls from several threads at once do not share state. A slot is
 freed when every task reading it has run.
@@ -25,7 +27,6 @@ until `reset()` (hetero.reset(model)).
 from __future__ import annotations
 
 import itertools
-import queue
 import threading
 import warnings
 import weakref
@@ -38,6 +39,8 @@ import torch
 from hetero.compiler.guards import IndexCheck, check_arguments
 from hetero.compiler.schedule_ir import Schedule, Task
 from hetero.runtime import trace
+from hetero.runtime.device import Device, Event, for_streams
+from hetero.runtime.device import copy as _move
 
 Kernel = Callable[..., Sequence[Any]]
 
@@ -75,6 +78,7 @@ class Executor:
         params: Sequence[torch.Tensor] = (),
         checks: Sequence[IndexCheck] = (),
         bound: Mapping[int, torch.Tensor] | None = None,
+        device: Device | None = None,
     ) -> None:
         """`weights` maps the slot of each setup task's source (a parameter input) to its real tensor;
         `keepalive` holds what the kernels need for as long as this executor lives (prepacked weights);
@@ -83,7 +87,8 @@ class Executor:
         are run on each call's arguments before any task is issued (token ids out of range); `bound` maps
         argument positions to the weights the kernels were built from (packed, or placed on a device
         once): a call that passes other tensors there (Dynamo reuses a graph for another instance of the
-        same module) runs `fallback.other_weights` instead."""
+        same module) runs `fallback.other_weights` instead. `device` runs the streams (default: CUDA when a
+        stream is on a CUDA device, else the thread simulation)."""
         self.schedule = schedule
         self._checks = tuple(checks)
         self._bound = tuple((bound or {}).items())
@@ -112,7 +117,14 @@ class Executor:
                 if s not in keep:
                     readers[s] = readers.get(s, 0) + 1
         self._readers = readers
-        self._cuda = any(s.device.startswith("cuda") for s in schedule.streams)
+        self._producer = {slot: t.id for t in schedule.tasks for slot in t.outputs}
+        self._issue = threading.Lock()  # a call issues all its tasks before another call issues any
+        self._device: Device | None = None
+        self._streams: dict[str, Any] = {}
+        if self.mode == "pipelined":
+            self._device = device or for_streams(schedule.streams)
+            self._streams = {spec.name: self._device.stream(spec) for spec in schedule.streams}
+            weakref.finalize(self, self._device.close)  # the streams' threads end with the executor
         _LIVE.add(self)
 
     # -- a call ----------------------------------------------------------------------------------
@@ -134,49 +146,67 @@ class Executor:
         batch = self.schedule.batch
         if batch is not None:
             _split(env, self.schedule.inputs, batch.input_dims, batch.micro_inputs)
-        if self._cuda:
-            call.begin_cuda()
         if self.mode == "sequential":
             for task in self.schedule.tasks:
                 self._execute(call, task)
                 if call.failure is not None:
                     break
         else:
-            with _ISSUE_LOCK:
-                for task in self.schedule.tasks:
-                    _worker(task.stream).submit(lambda task=task: self._execute(call, task))
-            call.finished.wait()
+            self._issue_and_wait(call)
         if call.failure is not None:
             raise call.failure
-        if self._cuda:
-            call.end_cuda()
         if batch is not None:
             _join(env, self.schedule.outputs, batch.output_dims, batch.micro_outputs)
         if self._on_spans is not None:
             self._on_spans(call.spans)
         return [env[i] for i in self.schedule.outputs]
 
+    def _issue_and_wait(self, call: _Call) -> None:
+        assert self._device is not None
+        events: dict[int, Event] = {}
+        with self._issue:
+            for stream in self._streams.values():
+                self._device.start(stream)
+            for task in self.schedule.tasks:
+                stream = self._streams[task.stream]
+                for w in task.waits:
+                    stream.wait_event(events[w])
+                stream.submit(lambda task=task: self._execute(call, task))
+                events[task.id] = stream.record()
+            last = [stream.record() for stream in self._streams.values()]
+        for event in last:  # every task has run (or, on CUDA, been launched): failures are known
+            event.reached()
+        if call.failure is not None:
+            return
+        outputs = list(self.schedule.outputs)
+        if self.schedule.batch is not None:
+            outputs += [s for mb in self.schedule.batch.micro_outputs for s in mb]
+        for slot in dict.fromkeys(outputs):
+            if slot in self._producer:  # host results of GPU work are waited for; GPU ones handed over
+                value = call.env[slot]
+                on_host = isinstance(value, torch.Tensor) and value.device.type == "cpu"
+                self._device.caller_waits(events[self._producer[slot]], blocking=on_host)
+
     def _execute(self, call: _Call, task: Task) -> None:
         try:
-            for w in task.waits:
-                call.done[w].wait()
             if call.failure is None:
+                inputs = [call.read(task, slot) for slot in task.inputs]
+                if self._streams:
+                    self._streams[task.stream].uses(inputs)
                 start = trace.now()
-                # Worker threads start in grad mode (it is per thread); these are inference graphs.
-                with call.on_stream(task), torch.no_grad():
-                    results = self._run(task, [call.env[i] for i in task.inputs])
+                # Stream threads start in grad mode (it is per thread); these are inference graphs.
+                with torch.no_grad():
+                    results = self._run(task, inputs)
                     for slot, value in zip(task.outputs, results, strict=True):
                         call.env[slot] = value
                 call.span(task, start, trace.now())
                 call.release(task.inputs)
         except BaseException as e:  # handed to the calling thread, which raises it
             call.fail(e)
-        finally:
-            call.task_done(task)
 
     def _run(self, task: Task, inputs: list[Any]) -> Sequence[Any]:
         if task.kind == "transfer":
-            return (_move(inputs[0], torch.device(task.device)),)
+            return (_move(inputs[0], torch.device(task.device), asynchronous=bool(self._streams)),)
         if task.role != "accel" or self._fallback is None:
             return self._kernels[task.name](*inputs)
         if task.name in self._on_host:
@@ -255,34 +285,44 @@ def reset(model: torch.nn.Module | None = None) -> int:
 # -- one call's state ------------------------------------------------------------------------------
 
 
+class _Unset:
+    """A slot no task has written yet (or already freed): reading it is an ordering bug."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __repr__(self) -> str:
+        return f"<{self.what}>"
+
+
+UNSET, RELEASED = _Unset("not written yet"), _Unset("freed")
+
+
+class OrderingError(RuntimeError):
+    """A task read a value that no event ordered before it: a schedule or executor bug."""
+
+
 @dataclass(eq=False)
 class _Call:
     executor: Executor
     record: bool
     env: list[Any] = field(init=False)
-    done: list[threading.Event] = field(init=False)
-    finished: threading.Event = field(default_factory=threading.Event)
     failure: BaseException | None = None
     spans: list[trace.Span] = field(default_factory=list)
-    events: dict[int, Any] = field(default_factory=dict)  # task id -> CUDA event after its GPU work
-    start_event: Any = None
 
     def __post_init__(self) -> None:
-        self.env = [None] * self.executor._size
-        self.done = [threading.Event() for _ in self.executor.schedule.tasks]
-        self._left = len(self.done)
+        self.env = [UNSET] * self.executor._size
         self._readers = dict(self.executor._readers)
         self._lock = threading.Lock()
-        if not self.done:
-            self.finished.set()
 
-    def task_done(self, task: Task) -> None:
-        self.done[task.id].set()
-        with self._lock:
-            self._left -= 1
-            last = self._left == 0
-        if last:
-            self.finished.set()
+    def read(self, task: Task, slot: int) -> Any:
+        value = self.env[slot]
+        if isinstance(value, _Unset):
+            raise OrderingError(
+                f"task {task.name} (stream {task.stream}) read slot {slot}, which is {value.what}: "
+                "no event orders the task that writes it before this one (a missing wait)"
+            )
+        return value
 
     def fail(self, error: BaseException) -> None:
         with self._lock:
@@ -295,7 +335,7 @@ class _Call:
                 if s in self._readers:
                     self._readers[s] -= 1
                     if self._readers[s] == 0:
-                        self.env[s] = None
+                        self.env[s] = RELEASED
 
     def span(self, task: Task, start: float, end: float) -> None:
         if not (self.record or trace.active()):
@@ -317,118 +357,6 @@ class _Call:
             with self._lock:
                 self.spans.append(span)
 
-    # CUDA: worker streams start after the caller's stream, GPU work hands over with events.
-
-    def begin_cuda(self) -> None:
-        self.start_event = torch.cuda.Event()
-        self.start_event.record(torch.cuda.current_stream())
-
-    def end_cuda(self) -> None:
-        current = torch.cuda.current_stream()
-        for event in self.events.values():
-            current.wait_event(event)
-        for s in self.executor.schedule.outputs:  # results copied to the host asynchronously
-            value = self.env[s]
-            if isinstance(value, torch.Tensor) and value.device.type == "cpu" and self.events:
-                torch.cuda.synchronize()
-                break
-
-    def on_stream(self, task: Task) -> Any:
-        if self.start_event is None:
-            return _NO_CONTEXT
-        return _CudaTask(self, task)
-
-
-class _NoContext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-_NO_CONTEXT = _NoContext()
-
-
-class _CudaTask:
-    """Runs a task on its stream's CUDA stream (GPU tasks) after the GPU work it reads, or, for a host
-    task, after synchronising with that work."""
-
-    def __init__(self, call: _Call, task: Task) -> None:
-        self.call, self.task = call, task
-        self.gpu = task.device.startswith("cuda") or (task.kind == "transfer" and task.stream == "copy")
-        self.stream: Any = None
-        self.context: Any = None
-
-    def __enter__(self) -> None:
-        producers = [self.call.events[w] for w in self.task.waits if w in self.call.events]
-        if not self.gpu:
-            for event in producers:
-                event.synchronize()
-            return
-        device = torch.device(self.task.device if self.task.device.startswith("cuda") else "cuda")
-        self.stream = _cuda_stream(self.task.stream, device)
-        self.stream.wait_event(self.call.start_event)
-        for event in producers:
-            self.stream.wait_event(event)
-        for slot in self.task.inputs:  # the allocator must not reuse an input until this stream is done
-            value = self.call.env[slot]
-            if isinstance(value, torch.Tensor) and value.is_cuda:
-                value.record_stream(self.stream)
-        self.context = torch.cuda.stream(self.stream)
-        self.context.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.context is None:
-            return
-        self.context.__exit__(*exc)
-        event = torch.cuda.Event()
-        event.record(self.stream)
-        self.call.events[self.task.id] = event
-
-
-_CUDA_STREAMS: dict[tuple[str, int], Any] = {}
-
-
-def _cuda_stream(name: str, device: torch.device) -> Any:
-    key = (name, device.index if device.index is not None else torch.cuda.current_device())
-    if key not in _CUDA_STREAMS:
-        _CUDA_STREAMS[key] = torch.cuda.Stream(device=key[1])
-    return _CUDA_STREAMS[key]
-
-
-# -- stream workers --------------------------------------------------------------------------------
-
-
-class _Worker:
-    """One thread running one stream's tasks in the order they were issued."""
-
-    def __init__(self, name: str) -> None:
-        self._queue: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        # A new thread starts with the OpenMP default; give it the process's intra-op setting instead.
-        self._threads = torch.get_num_threads()
-        self.thread = threading.Thread(target=self._loop, name=f"hetero-{name}", daemon=True)
-        self.thread.start()
-
-    def submit(self, work: Callable[[], None]) -> None:
-        self._queue.put(work)
-
-    def _loop(self) -> None:
-        torch.set_num_threads(self._threads)
-        while True:
-            self._queue.get()()
-
-
-_WORKERS: dict[str, _Worker] = {}
-_ISSUE_LOCK = threading.Lock()  # a call issues all its tasks before another call issues any
-
-
-def _worker(stream: str) -> _Worker:
-    worker = _WORKERS.get(stream)
-    if worker is None:
-        worker = _WORKERS.setdefault(stream, _Worker(stream))
-    return worker
-
 
 # -- micro-batches ---------------------------------------------------------------------------------
 
@@ -445,7 +373,7 @@ def _split(
         parts = [p.contiguous() for p in env[slot].chunk(len(micro), dim)]  # partitions expect dense
         for mb, part in zip(micro, parts, strict=True):
             env[mb[i]] = part
-        env[slot] = None
+        env[slot] = RELEASED
 
 
 def _join(
@@ -457,14 +385,3 @@ def _join(
     for j, (slot, dim) in enumerate(zip(outputs, dims, strict=True)):
         if dim is not None:
             env[slot] = torch.cat([env[mb[j]] for mb in micro], dim)
-
-
-def _move(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """Copy to `device`; the same tensor when it is already there (accel = cpu: transfers are free).
-    Host -> CUDA goes through pinned memory and does not block; its consumers wait on its event."""
-    device = torch.device(device)
-    if x.device == device:
-        return x
-    if device.type == "cuda" and x.device.type == "cpu":
-        return x.pin_memory().to(device, non_blocking=True)
-    return x.to(device, non_blocking=x.device.type == "cuda")
