@@ -1,14 +1,14 @@
 """The one configuration object, built from defaults < HETERO_* environment < options=.
 
-Every knob is declared once in `_FIELDS` with its parser and one line of doc; the README's
-options table lists the same keys (a test keeps them in step). Parsing happens here and only
+Every knob is declared once, as a field of `HeteroConfig` made by `option(default, parser, doc)`;
+the README's options table is generated from the declarations (`options_table()`; a test fails when
+they differ). Parsing happens here and only
 here: passes read the frozen `HeteroConfig` and the resolved `Target`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import os
 import re
@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 
-from hetero.compiler.errors import ConfigError
+from hetero.compiler.errors import ConfigError, did_you_mean
 from hetero.compiler.units import format_bytes, parse_size
 
 Role = Literal["accel", "host"]
@@ -68,72 +68,6 @@ class ExpertParallel:
             "hierarchical": self.hierarchical,
             "timeout": self.timeout,
         }
-
-
-@dataclass(frozen=True)
-class HeteroConfig:
-    accel: Literal["auto", "cuda", "cpu"] = "auto"
-    place: tuple[PlaceRule, ...] = ()
-    accel_memory_budget: Budget = "auto"
-    host_embedding_bytes: int = 1 << 30
-    partition_compiler: Literal["inductor", "eager"] = "inductor"
-    host_dtype: Literal["auto", "fp32", "bf16", "int8"] = "auto"
-    engram: Literal["lookup", "block"] = "lookup"
-    release_weights: bool = True
-    dump_dir: str | None = None
-    strict: bool = False
-    print_before: tuple[str, ...] = ()
-    print_after: tuple[str, ...] = ()
-    verify_each: bool = False
-    disable_pass: tuple[str, ...] = ()
-    stop_after: str | None = None
-    bisect_limit: int | None = None
-    extra_passes: tuple[tuple[str, str], ...] = ()  # (after which pass, "module:function" or "file.py:fn")
-    schedule: Literal["pipelined", "sequential"] = "pipelined"
-    micro_batches: int | Literal["auto"] = 1
-    inject_fault: str | None = None
-    expert_parallel: ExpertParallel | None = None
-
-    @classmethod
-    def build(
-        cls, options: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
-    ) -> HeteroConfig:
-        """defaults < HETERO_* environment < options. Raises ConfigError on any unknown key or bad value."""
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for var, text in env.items():
-            if not var.startswith(ENV_PREFIX):
-                continue
-            key = var[len(ENV_PREFIX) :].lower()
-            _check_known(key, where=f"environment variable {var}", prefix=ENV_PREFIX, upper=True)
-            values[key] = _FIELDS[key].parse(key, text, True)
-        if options is not None:
-            if not isinstance(options, Mapping):
-                raise ConfigError(
-                    f"options must be a dict of option names to values, got {type(options).__name__}"
-                )
-            for key, value in options.items():
-                _check_known(str(key), where="option")
-                values[key] = _FIELDS[key].parse(key, value, False)
-        return cls(**values)
-
-    def replace(self, **changes: Any) -> HeteroConfig:
-        """A copy with `changes` parsed like options=."""
-        for key in changes:
-            _check_known(key, where="option")
-        parsed = {k: _FIELDS[k].parse(k, v, False) for k, v in changes.items()}
-        return dataclasses.replace(self, **parsed)
-
-    def to_dict(self) -> dict[str, Any]:
-        # Not dataclasses.asdict: it deep-copies values, and expert_parallel may hold a ProcessGroup.
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out["expert_parallel"] = self.expert_parallel.to_dict() if self.expert_parallel else None
-        out["place"] = [r.to_dict() for r in self.place]
-        out["print_before"] = list(self.print_before)
-        out["print_after"] = list(self.print_after)
-        out["disable_pass"] = list(self.disable_pass)
-        out["extra_passes"] = [{"after": a, "pass": p} for a, p in self.extra_passes]
-        return out
 
 
 @dataclass(frozen=True)
@@ -202,7 +136,8 @@ def _expert_parallel_ranks(ep: ExpertParallel | None) -> int:
 @dataclass(frozen=True)
 class _Field:
     parse: Callable[[str, Any, bool], Any]
-    doc: str
+    doc: str  # markdown, one line: the README's options table and `hetero passes --help` show it
+    shown: str  # the default as the README shows it
 
 
 def _bad(key: str, value: Any, expected: str) -> ConfigError:
@@ -213,8 +148,7 @@ def _choice(*choices: str) -> Callable[[str, Any, bool], str]:
     def parse(key: str, value: Any, from_env: bool) -> str:
         if value in choices:
             return value
-        near = difflib.get_close_matches(str(value), choices, n=1)
-        hint = f"; did you mean {near[0]!r}?" if near else ""
+        hint = did_you_mean(str(value), choices)
         raise ConfigError(
             f"option {key!r}: got {value!r}; valid choices are {', '.join(map(repr, choices))}{hint}"
         )
@@ -320,8 +254,7 @@ def _check_pass(key: str, name: str, words: tuple[str, ...] = ()) -> None:
     if name in PASS_NAMES:
         return
     valid = PASS_NAMES + words
-    near = difflib.get_close_matches(name, valid, n=1)
-    hint = f"; did you mean {near[0]!r}?" if near else ""
+    hint = did_you_mean(name, valid)
     raise ConfigError(f"option {key!r}: unknown pass {name!r}; valid names are {', '.join(valid)}{hint}")
 
 
@@ -390,8 +323,7 @@ def _place(key: str, value: Any, from_env: bool) -> tuple[PlaceRule, ...]:
             )
         for k in rule:
             if k not in ("match", "role"):
-                near = difflib.get_close_matches(str(k), ("match", "role"), n=1)
-                hint = f"; did you mean {near[0]!r}?" if near else ""
+                hint = did_you_mean(str(k), ("match", "role"))
                 raise ConfigError(f"{where}: unknown key {k!r}; a rule has the keys 'match' and 'role'{hint}")
         if "match" not in rule or "role" not in rule:
             raise ConfigError(
@@ -445,8 +377,7 @@ def _expert_parallel(key: str, value: Any, from_env: bool) -> ExpertParallel | N
             raise _bad(key, value, "True, False, or a dict with the keys " + ", ".join(_EP_KEYS)) from None
     for k in value:
         if k not in _EP_KEYS:
-            near = difflib.get_close_matches(str(k), _EP_KEYS, n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
+            hint = did_you_mean(str(k), _EP_KEYS)
             raise ConfigError(f"option {key!r}: unknown key {k!r}; the keys are {', '.join(_EP_KEYS)}{hint}")
     group = value.get("group")
     if group is not None:
@@ -473,67 +404,243 @@ def _expert_parallel(key: str, value: Any, from_env: bool) -> ExpertParallel | N
     return ExpertParallel(group, placement, hierarchical, float(timeout))
 
 
-_FIELDS: dict[str, _Field] = {
-    "accel": _Field(
-        _choice("auto", "cuda", "cpu"), "device of the accel role: 'auto' = cuda if available, else cpu"
-    ),
-    "place": _Field(_place, 'placement rules [{"match": REGEX, "role": "host"|"accel"}], first match wins'),
-    "accel_memory_budget": _Field(
-        _budget, "parameter bytes accel may hold ('20GiB', bytes, 'auto' = 80% of the GPU, None = no limit)"
-    ),
-    "host_embedding_bytes": _Field(_size, "embedding tables at least this large live on host (default 1GiB)"),
-    "partition_compiler": _Field(_choice("inductor", "eager"), "what compiles each partition"),
-    "host_dtype": _Field(
+def option(default: Any, parse: Callable[[str, Any, bool], Any], doc: str, *, shown: str) -> Any:
+    """A HeteroConfig field: `parse(key, value, from_env)` checks and converts a value; `doc` is its
+    README line (markdown); `shown` is the default as the README shows it."""
+    return dataclasses.field(default=default, metadata={"field": _Field(parse, doc, shown)})
+
+
+@dataclass(frozen=True)
+class HeteroConfig:
+    """Every option hetero has, declared once: its type, default, parser and doc (`option`). The
+    environment name is HETERO_ + the name in capitals; the README's options table is `options_table()`."""
+
+    accel: Literal["auto", "cuda", "cpu"] = option(
+        "auto",
+        _choice("auto", "cuda", "cpu"),
+        'device of the accel role: `"cuda"` if available, else `"cpu"`; or `"cuda"`, `"cpu"`',
+        shown='`"auto"`',
+    )
+    place: tuple[PlaceRule, ...] = option(
+        (),
+        _place,
+        (
+            'rules `{"match": REGEX, "role": "host"|"accel"}`, searched in each op\'s module paths and '
+            "class names, first match wins (like KTransformers' rules and llama.cpp's `-ot exps=CPU`)"
+        ),
+        shown="`[]`",
+    )
+    accel_memory_budget: Budget = option(
+        "auto",
+        _budget,
+        (
+            'parameter bytes the accel role may hold (`"20GiB"`, bytes, `"auto"` = 80% of the GPU, `None` = '
+            "no limit); the largest movable regions go to host until it fits"
+        ),
+        shown='`"auto"`',
+    )
+    host_embedding_bytes: int = option(
+        1 << 30,
+        _size,
+        "embedding tables at least this large live on host",
+        shown='`"1GiB"`',
+    )
+    partition_compiler: Literal["inductor", "eager"] = option(
+        "inductor",
+        _choice("inductor", "eager"),
+        'what compiles each partition: `"inductor"` or `"eager"`',
+        shown='`"inductor"`',
+    )
+    host_dtype: Literal["auto", "fp32", "bf16", "int8"] = option(
+        "auto",
         _choice("auto", "fp32", "bf16", "int8"),
-        "what host kernels compute in: 'auto' = the model's dtype; 'int8' = int8 weights, per-channel scales",
-    ),
-    "engram": _Field(
+        (
+            'what host kernels (MoE experts through oneDNN) compute in: `"auto"` = the model\'s dtype (fp32 '
+            'or bf16), `"fp32"`, `"bf16"`, or `"int8"` (int8 weights with per-channel scales, activations '
+            "quantised per call)"
+        ),
+        shown='`"auto"`',
+    )
+    engram: Literal["lookup", "block"] = option(
+        "lookup",
         _choice("lookup", "block"),
-        "Engram split: 'lookup' = hash and gather on host, gating block on accel; 'block' = all on host",
-    ),
-    "release_weights": _Field(
-        _bool, "free the model's copy of weights a host kernel has prepacked (else they are held twice)"
-    ),
-    "dump_dir": _Field(
-        _optional_path, "folder for per-graph dumps (graph text after each pass, summary.json, ...)"
-    ),
-    "strict": _Field(_bool, "turn every fallback into an error"),
-    "print_before": _Field(_names, "print the graph before these passes ('all' for every pass)"),
-    "print_after": _Field(
+        (
+            'Engram split: `"lookup"` = hash and gather on host (prefetched), the gating block on accel; '
+            '`"block"` = the whole block on host'
+        ),
+        shown='`"lookup"`',
+    )
+    release_weights: bool = option(
+        True,
+        _bool,
+        (
+            "after prepacking a host kernel's weights, free the model's own copy (so they are not held "
+            "twice); the compiled model keeps working, the eager modules cannot run any more. "
+            "`hetero.explain` never frees"
+        ),
+        shown="`True`",
+    )
+    dump_dir: str | None = option(
+        None,
+        _optional_path,
+        "folder for per-graph dumps",
+        shown="`None`",
+    )
+    strict: bool = option(
+        False,
+        _bool,
+        "turn every fallback into an error",
+        shown="`False`",
+    )
+    print_before: tuple[str, ...] = option(
+        (),
         _names,
-        "print the graph after these passes ('all' for every pass, 'changed' for those that changed it)",
-    ),
-    "verify_each": _Field(_bool, "check the graph's invariants after every pass"),
-    "disable_pass": _Field(_disabled, "skip these optional passes (split_batch, fuse_accel, ...)"),
-    "stop_after": _Field(
-        _optional_pass, "debug: stop the pipeline after this pass; the graph then runs as captured"
-    ),
-    "bisect_limit": _Field(
-        _bisect_limit, "debug: run only the first N optional steps (rewrites or passes), log each on stderr"
-    ),
-    "extra_passes": _Field(
+        'print the graph before these passes (`"all"` for every pass)',
+        shown="`[]`",
+    )
+    print_after: tuple[str, ...] = option(
+        (),
+        _names,
+        (
+            'print the graph after these passes (`"all"` for every pass, `"changed"` for every pass that '
+            "changed it)"
+        ),
+        shown="`[]`",
+    )
+    verify_each: bool = option(
+        False,
+        _bool,
+        "check each pass's guarantees after it runs",
+        shown="`False`",
+    )
+    disable_pass: tuple[str, ...] = option(
+        (),
+        _disabled,
+        (
+            "skip these optional passes (`canonicalize`, `split_batch`, `fuse_accel`, `lower_host`); the "
+            "required ones (`analyze_cost`, `place`, `partition`, `schedule`) cannot be skipped"
+        ),
+        shown="`[]`",
+    )
+    stop_after: str | None = option(
+        None,
+        _optional_pass,
+        (
+            "debug: stop the pipeline after this pass (printing and dumps as usual); the compiled graph "
+            "then runs as captured, unplaced"
+        ),
+        shown="`None`",
+    )
+    bisect_limit: int | None = option(
+        None,
+        _bisect_limit,
+        (
+            "debug: run only the first N optional steps (each rewrite of canonicalize and fuse_accel, each "
+            "other optional pass) and log every step on stderr, as LLVM's `-opt-bisect-limit`"
+        ),
+        shown="`None`",
+    )
+    extra_passes: tuple[tuple[str, str], ...] = option(
+        (),
         _extra_passes,
-        'user passes [{"after": PASS, "pass": "module:function"}]; function(gm, ctx) -> PassResult',
-    ),
-    "schedule": _Field(
+        (
+            'user passes `[{"after": PASS, "pass": "package.module:function"}]` (or `file.py:function`), '
+            "each `function(gm, ctx) -> PassResult`"
+        ),
+        shown="`[]`",
+    )
+    schedule: Literal["pipelined", "sequential"] = option(
+        "pipelined",
         _choice("pipelined", "sequential"),
-        "'pipelined' = each stream on its own worker, tasks overlap; 'sequential' = one task at a time",
-    ),
-    "micro_batches": _Field(
+        (
+            '`"pipelined"`: each stream (accel, host, copy, prefetch) on its own worker, tasks overlapping '
+            'where the graph allows; `"sequential"`: one task at a time on the calling thread'
+        ),
+        shown='`"pipelined"`',
+    )
+    micro_batches: int | Literal["auto"] = option(
+        1,
         _micro_batches,
-        "split each call's batch into N micro-batches that pipeline across the roles; 'auto' = the cost "
-        "model picks N (1 when the graph is not provably batch-separable)",
-    ),
-    "inject_fault": _Field(
-        _optional_name, "debug: make this accel task raise on every run, to test the host fallback"
-    ),
-    "expert_parallel": _Field(
+        (
+            "split each call's batch into N micro-batches so accel work of one overlaps host work of "
+            'another; `"auto"`: the cost model picks N (1 when the graph is not provably batch-separable)'
+        ),
+        shown="`1`",
+    )
+    inject_fault: str | None = option(
+        None,
+        _optional_name,
+        (
+            'debug: the named accel task (`"part_2"`, see `schedule.json`) raises on every run, to exercise '
+            "the host fallback"
+        ),
+        shown="`None`",
+    )
+    expert_parallel: ExpertParallel | None = option(
+        None,
         _expert_parallel,
-        "shard MoE experts across torch.distributed ranks: True, or {'group', 'placement', "
-        "'hierarchical', 'timeout'}",
-    ),
-}
-assert set(_FIELDS) == {f.name for f in dataclasses.fields(HeteroConfig)}
+        (
+            "shard each MoE layer's experts across the ranks of `torch.distributed` (see [Expert "
+            "parallelism](#expert-parallelism)): `True`, or a dict with `group` (a `ProcessGroup`, default "
+            'the world), `placement` (`"uniform"` or a `hetero.parallel.Placement`), `hierarchical` (ranks '
+            "per node for the two-level exchange, `0` = flat) and `timeout` (seconds a collective waits for "
+            "the other ranks, default 60)"
+        ),
+        shown="`False`",
+    )
+
+    @classmethod
+    def build(
+        cls, options: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
+    ) -> HeteroConfig:
+        """defaults < HETERO_* environment < options. Raises ConfigError on any unknown key or bad value."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for var, text in env.items():
+            if not var.startswith(ENV_PREFIX):
+                continue
+            key = var[len(ENV_PREFIX) :].lower()
+            _check_known(key, where=f"environment variable {var}", prefix=ENV_PREFIX, upper=True)
+            values[key] = _FIELDS[key].parse(key, text, True)
+        if options is not None:
+            if not isinstance(options, Mapping):
+                raise ConfigError(
+                    f"options must be a dict of option names to values, got {type(options).__name__}"
+                )
+            for key, value in options.items():
+                _check_known(str(key), where="option")
+                values[key] = _FIELDS[key].parse(key, value, False)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> HeteroConfig:
+        """A copy with `changes` parsed like options=."""
+        for key in changes:
+            _check_known(key, where="option")
+        parsed = {k: _FIELDS[k].parse(k, v, False) for k, v in changes.items()}
+        return dataclasses.replace(self, **parsed)
+
+    def to_dict(self) -> dict[str, Any]:
+        # Not dataclasses.asdict: it deep-copies values, and expert_parallel may hold a ProcessGroup.
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["expert_parallel"] = self.expert_parallel.to_dict() if self.expert_parallel else None
+        out["place"] = [r.to_dict() for r in self.place]
+        out["print_before"] = list(self.print_before)
+        out["print_after"] = list(self.print_after)
+        out["disable_pass"] = list(self.disable_pass)
+        out["extra_passes"] = [{"after": a, "pass": p} for a, p in self.extra_passes]
+        return out
+
+
+_FIELDS: dict[str, _Field] = {f.name: f.metadata["field"] for f in dataclasses.fields(HeteroConfig)}
+
+
+def options_table() -> str:
+    """The README's options table, from the declarations."""
+    rows = ["| option | default | meaning |", "| --- | --- | --- |"]
+    for name, f in _FIELDS.items():
+        doc = f.doc.replace("|", "\\|")  # a table cell's bar
+        rows.append(f"| `{name}` | {f.shown} | {doc} |")
+    return "\n".join(rows) + "\n"
 
 
 def option_docs() -> dict[str, str]:
@@ -546,8 +653,7 @@ def _check_known(key: str, *, where: str, prefix: str = "", upper: bool = False)
         return
     shown = [prefix + (k.upper() if upper else k) for k in _FIELDS]
     got = prefix + (key.upper() if upper else key)
-    near = difflib.get_close_matches(got, shown, n=1)
-    hint = f"; did you mean {near[0]!r}?" if near else ""
+    hint = did_you_mean(got, shown)
     raise ConfigError(f"unknown {where} {got!r}; valid ones are {', '.join(shown)}{hint}")
 
 

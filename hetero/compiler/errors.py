@@ -8,6 +8,15 @@ Messages say where, what, why and what to do, e.g.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
+
+def did_you_mean(got: object, choices: Iterable[object]) -> str:
+    """ "; did you mean 'x'?" for the choice nearest to `got`, or "" when none is near."""
+    near = difflib.get_close_matches(str(got), [str(c) for c in choices], n=1)
+    return f"; did you mean {near[0]!r}?" if near else ""
+
 
 class HeteroError(Exception):
     """Base class of all errors hetero raises on purpose."""

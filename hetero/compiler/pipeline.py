@@ -18,7 +18,6 @@ Required passes (those the runtime needs: a placed, partitioned, scheduled graph
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import sys
 import time
@@ -31,7 +30,7 @@ from torch import fx
 
 from hetero.compiler import meta
 from hetero.compiler.config import HeteroConfig, Target
-from hetero.compiler.errors import FallbackError, HeteroError, PassError, PlacementError
+from hetero.compiler.errors import FallbackError, HeteroError, PassError, PlacementError, did_you_mean
 from hetero.compiler.format import format_graph, op_name
 from hetero.compiler.verify import check_values
 from hetero.compiler.weights import ParamValues
@@ -188,8 +187,7 @@ class PassSpec:
 def get_pass(name: str) -> PassSpec:
     """The built-in pass `hetero.passes.<name>.<name>`, with its optional invariant `check`."""
     if name not in PASS_NAMES:
-        near = difflib.get_close_matches(name, PASS_NAMES, n=1)
-        hint = f"; did you mean {near[0]!r}?" if near else ""
+        hint = did_you_mean(name, PASS_NAMES)
         raise HeteroError(f"unknown pass {name!r}; passes are {', '.join(PASS_NAMES)}{hint}")
     module = importlib.import_module(f"hetero.passes.{name}")
     return PassSpec(

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from hetero.compiler.errors import TargetError
+from hetero.compiler.errors import TargetError, did_you_mean
 
 
 @dataclass
@@ -149,10 +149,7 @@ def names() -> list[str]:
 def build(name: str, *, dtype: torch.dtype = torch.float32, seed: int = 0, device: str = "cpu") -> ZooModel:
     """Build zoo model `name` with seeded random weights, in eval mode, without touching global RNG state."""
     if name not in ZOO:
-        import difflib
-
-        near = difflib.get_close_matches(name, ZOO, n=1)
-        hint = f"; did you mean {near[0]!r}?" if near else ""
+        hint = did_you_mean(name, ZOO)
         raise TargetError(f"unknown zoo model {name!r}; the zoo has {', '.join(ZOO)}{hint}")
     from transformers import AutoModelForCausalLM
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from hetero.compiler.errors import TargetError
+from hetero.compiler.errors import TargetError, did_you_mean
 from hetero.zoo import ZooModel
 
 # A config declaring any of these fields (itself, or its text_config / ffn_config) is a MoE.
@@ -358,11 +358,9 @@ def _field_names(config_class: Any) -> frozenset[str]:
 
 
 def _unknown(model_type: str) -> str:
-    import difflib
 
     if model_type in EXCLUDED:
         return f"model type {model_type!r} is not catalogued: {EXCLUDED[model_type]}"
     known = [*ARCHITECTURES, *ALIASES]
-    near = difflib.get_close_matches(model_type, known, n=1)
-    hint = f"; did you mean {near[0]!r}?" if near else ""
+    hint = did_you_mean(model_type, known)
     return f"unknown MoE model type {model_type!r}; the catalogue has {', '.join(known)}{hint}"
