@@ -1,6 +1,7 @@
 # make venv  — .venv with everything hetero and its tests need
 # make demo  — the main job: zoo:deepseek-v3-tiny split across accel and host, checked against eager
 # make test  — the test suite (CPU only; GPU tests skip without CUDA), less the `slow` tests
+# make gpu-check — on a machine with CUDA and a preinstalled torch: GPU tests, demo, benchmarks -> gpu-check/
 # make test-slow — the `slow` tests (zoo models through Inductor, the costliest architectures, 4-rank EP)
 PYTHON ?= python3
 VENV   := .venv
@@ -12,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 # pytest-xdist workers for `make test` (one per core; each worker runs torch with one thread).
 TEST_WORKERS ?= auto
 
-.PHONY: venv demo test test-slow lint clean
+.PHONY: venv demo test test-slow gpu-check lint clean
 
 # $(call system_package,COMMAND,DEBIAN_PACKAGE,WHAT_IS_LOST): install a Debian package when COMMAND is
 # missing and this is a Debian/Ubuntu machine where we are root; otherwise say what is lost, and go on.
@@ -48,8 +49,14 @@ test: venv
 test-slow: venv
 	$(PY) -m pytest -q -n $(TEST_WORKERS) -m slow
 
+# The GPU machines reach no registry: their python3 holds torch, and the script installs hetero
+# into it with `pip install -e . --no-deps`. Without CUDA it lists its steps and exits 0.
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) scripts/gpu_check.py --out gpu-check
+
 lint: venv
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) hetero-dumps .pytest_cache test-artifacts
+	rm -rf $(VENV) hetero-dumps .pytest_cache test-artifacts gpu-check
