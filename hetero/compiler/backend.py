@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import importlib
 import re
 import warnings
 from collections.abc import Callable, Sequence
@@ -21,6 +22,7 @@ from torch import fx
 
 from hetero import transformers_compat
 from hetero.compiler import meta
+from hetero.compiler.binding import Binding
 from hetero.compiler.config import HeteroConfig, Target
 from hetero.compiler.dump import DumpFolder
 from hetero.compiler.errors import ConfigError, FallbackError, HeteroError
@@ -118,7 +120,7 @@ def compile_inference(
     name: str,
 ) -> Callable[..., Any]:
     """Run the pipeline on an AOTAutograd inference graph and return the Executor for its Schedule."""
-    from hetero.runtime.executor import Executor, Fallback
+    from hetero.runtime.executor import Executor, HostFallback
 
     diagnostics = Diagnostics(config.strict)
     values = ParamValues()
@@ -157,7 +159,7 @@ def compile_inference(
         {t.inputs[0]: weights[position[t.inputs[0]]] for t in schedule.setup},
         keepalive=host.packed,
         mode=config.schedule,
-        fallback=Fallback(
+        fallback=HostFallback(
             host_kernel=functools.partial(_host_copy, gm, target.host_device),
             host_device=target.host_device,
             on_fallback=lambda task, error: _record_runtime_fallback(report_box[0], dump, task, error),
@@ -340,24 +342,31 @@ def _timeline_writer(dump: DumpFolder) -> Callable[[list[Any]], None]:
     return write
 
 
-def _bind_host_kernels(gm: fx.GraphModule, values: ParamValues) -> Any:
-    """Prepack the weights of host kernels lower_host planned, and write their handles into the graph."""
-    from hetero.backends import onednn
+# Kernel backends for host partitions: each implements `bind` (hetero/compiler/binding.py) for its
+# OPS. Imported only when a partition holds one of their ops (hetero.parallel pulls in torch.distributed).
+HOST_BINDERS = ("hetero.backends.onednn", "hetero.parallel")
 
-    total = onednn.Binding()
+
+def _bind_host_kernels(gm: fx.GraphModule, values: ParamValues) -> Binding:
+    """Build the host kernels lower_host planned from the real weights; write their handles into the graph."""
+    total = Binding()
     for node in gm.graph.nodes:
         info = meta.partition(node)
-        if node.op == "call_module" and info is not None and info.role == "host":
-            bindings = [onednn.bind(getattr(gm, node.target), values)]
-            if any(n.target is torch.ops.hetero.ep_moe.default for n in getattr(gm, node.target).graph.nodes):
-                from hetero import parallel  # expert_parallel: this rank's experts and the exchange
-
-                bindings.append(parallel.bind(getattr(gm, node.target), values))
-            for binding in bindings:
-                total.packed += binding.packed
-                total.weights += binding.weights
-                total.kernels += binding.kernels
+        if node.op != "call_module" or info is None or info.role != "host":
+            continue
+        sub = getattr(gm, node.target)
+        ops = {
+            n.target._opname for n in sub.graph.nodes if n.op == "call_function" and _is_hetero_op(n.target)
+        }
+        for name in HOST_BINDERS:
+            backend = importlib.import_module(name)
+            if ops & set(backend.OPS):
+                total += backend.bind(sub, values)
     return total
+
+
+def _is_hetero_op(target: object) -> bool:
+    return isinstance(target, torch._ops.OpOverload) and target.namespace == "hetero"
 
 
 def _register_accel_kernels(gm: fx.GraphModule) -> None:

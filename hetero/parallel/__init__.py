@@ -13,13 +13,13 @@ order. A placement change moves expert weights between ranks and never recompile
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx
 
 from hetero.compiler import meta
+from hetero.compiler.binding import HANDLES, Binding
 from hetero.compiler.errors import ConfigError
 from hetero.compiler.weights import ParamValues
 from hetero.parallel.placement import Placement, balanced, imbalance, uniform, zipf_counts
@@ -107,16 +107,13 @@ def _natural(path: str) -> list[Any]:
 # Binding: the backend turns each `hetero.ep_moe` node lower_host planned into this rank's layer.
 
 
-@dataclass
-class Binding:
-    packed: list[Any] = field(default_factory=list)
-    weights: list[str] = field(default_factory=list)
-    kernels: list[dict[str, object]] = field(default_factory=list)
+# The ops this backend binds (hetero.compiler.binding).
+OPS = ("ep_moe",)
 
 
 def bind(sub: fx.GraphModule, values: ParamValues) -> Binding:
     """Build (once per layer and parameter objects) and register the expert-parallel layers of a partition."""
-    from hetero.parallel.dispatch import ExpertParallelMoe, register
+    from hetero.parallel.dispatch import ExpertParallelMoe
 
     binding = Binding()
     for node in sub.graph.nodes:
@@ -131,7 +128,7 @@ def bind(sub: fx.GraphModule, values: ParamValues) -> Binding:
             return ExpertParallelMoe(name, gate, up, down, kernel.dtype, kernel.parallel, sources)
 
         layer = values.memo(("ep_moe", name, kernel.dtype, kernel.parallel), kernel.params, build)
-        node.update_arg(len(node.args) - 1, register(layer))
+        node.update_arg(len(node.args) - 1, HANDLES.register(layer))
         binding.packed.append(layer)
         binding.weights.extend(kernel.params)
         local = layer.placement.experts_of(layer.groups.rank)

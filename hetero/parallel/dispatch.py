@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import datetime
 import itertools
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from hetero.backends.onednn.moe import PackedMoe
+from hetero.compiler.binding import HANDLES
 from hetero.compiler.config import ExpertParallel
 from hetero.compiler.errors import CollectiveError, ConfigError
 from hetero.ops import expert_weight, num_experts
@@ -370,31 +370,12 @@ class ExpertParallelMoe:
         return self.kernel(rows, local[:, None], torch.ones(rows.shape[0], 1, dtype=torch.float32))
 
 
-# Handles: compiled graphs name their layer by a number baked into the graph.
-_LIVE: weakref.WeakValueDictionary[int, ExpertParallelMoe] = weakref.WeakValueDictionary()
-_NEXT = itertools.count()
-
-
-def register(layer: ExpertParallelMoe) -> int:
-    handle = next(_NEXT)
-    _LIVE[handle] = layer
-    return handle
-
-
 def live_layers() -> list[ExpertParallelMoe]:
-    return list(_LIVE.values())
+    return HANDLES.live(ExpertParallelMoe)
 
 
 @torch.library.impl("hetero::ep_moe", "CPU")
 def _ep_moe(
     hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, handle: int
 ) -> torch.Tensor:
-    layer = _LIVE.get(handle)
-    if layer is None:
-        raise RuntimeError(
-            f"hetero.ep_moe: no expert-parallel layer for handle {handle}; the compiled model that "
-            "owned it is gone"
-            if handle >= 0
-            else "hetero.ep_moe: the lowering was never bound to its experts (handle -1)"
-        )
-    return layer(hidden, topk_ids, topk_weights)
+    return HANDLES.get(handle, "hetero.ep_moe")(hidden, topk_ids, topk_weights)

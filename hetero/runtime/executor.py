@@ -50,7 +50,7 @@ class InjectedFault(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Fallback:
+class HostFallback:
     """How to re-run accel partitions on the host, and whom to tell when that happens."""
 
     host_kernel: Callable[[str], Kernel]  # partition name -> the partition compiled for the host
@@ -73,7 +73,7 @@ class Executor:
         keepalive: Sequence[Any] = (),
         *,
         mode: str = "pipelined",
-        fallback: Fallback | None = None,
+        fallback: HostFallback | None = None,
         on_spans: Callable[[list[trace.Span]], None] | None = None,
         params: Sequence[torch.Tensor] = (),
         checks: Sequence[IndexCheck] = (),

@@ -10,24 +10,19 @@ weights alive for as long as the compiled graph lives, and says which original w
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import fx
 
 from hetero.backends.onednn.isa import probe
-from hetero.backends.onednn.moe import PackedLinear, PackedMoe, register
+from hetero.backends.onednn.moe import PackedLinear, PackedMoe
 from hetero.compiler import meta
+from hetero.compiler.binding import HANDLES, Binding
 from hetero.compiler.weights import ParamValues
 
-__all__ = ["Binding", "PackedLinear", "PackedMoe", "bind", "probe"]
+__all__ = ["OPS", "PackedLinear", "PackedMoe", "bind", "probe"]
 
-
-@dataclass
-class Binding:
-    packed: list[PackedMoe] = field(default_factory=list)
-    weights: list[str] = field(default_factory=list)  # placeholders whose values now live in the kernels
-    kernels: list[dict[str, object]] = field(default_factory=list)  # for the report
+# The ops this backend binds (hetero.compiler.binding).
+OPS = ("host_moe", "host_linear")
 
 
 def _structure(recipe: fx.GraphModule) -> str:
@@ -58,7 +53,7 @@ def bind(sub: fx.GraphModule, values: ParamValues) -> Binding:
 
         key = ("onednn", kernel.kind, kernel.dtype, str(kernel.form), _structure(kernel.recipe))
         packed = values.memo(key, kernel.params, build)
-        node.update_arg(len(node.args) - 1, register(packed))
+        node.update_arg(len(node.args) - 1, HANDLES.register(packed))
         binding.packed.append(packed)
         binding.weights.extend(kernel.params)
         count = (

@@ -13,13 +13,11 @@ tensor (asymmetric, uint8); oneDNN's u8s8 matmul dequantises into the output dty
 
 from __future__ import annotations
 
-import itertools
-import weakref
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
+from hetero.compiler.binding import HANDLES
 from hetero.ops import MoeForm, activation_fn, expert_bias, expert_weight, num_experts, routing
 
 _COMPUTE = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16}
@@ -173,30 +171,11 @@ def _quantize_u8(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
     return q, scale, zero
 
 
-# Handles: compiled graphs name their prepacked experts by a number baked into the graph.
-_LIVE: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
-_NEXT = itertools.count()
-
-
-def register(packed: Any) -> int:
-    handle = next(_NEXT)
-    _LIVE[handle] = packed
-    return handle
-
-
 @torch.library.impl("hetero::host_moe", "CPU")
 def _host_moe(
     hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, handle: int
 ) -> torch.Tensor:
-    packed = _LIVE.get(handle)
-    if packed is None:
-        raise RuntimeError(
-            f"hetero.host_moe: no prepacked experts for handle {handle}; "
-            "the compiled model that owned them is gone"
-            if handle >= 0
-            else "hetero.host_moe: the lowering was never bound to prepacked weights (handle -1)"
-        )
-    return packed(hidden, topk_ids, topk_weights)
+    return HANDLES.get(handle, "hetero.host_moe")(hidden, topk_ids, topk_weights)
 
 
 class PackedLinear:
@@ -229,7 +208,4 @@ class PackedLinear:
 
 @torch.library.impl("hetero::host_linear", "CPU")
 def _host_linear(x: torch.Tensor, out_features: int, handle: int) -> torch.Tensor:
-    packed = _LIVE.get(handle)
-    if packed is None:
-        raise RuntimeError(f"hetero.host_linear: no prepacked weights for handle {handle}")
-    return packed(x)
+    return HANDLES.get(handle, "hetero.host_linear")(x)
