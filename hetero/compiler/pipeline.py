@@ -22,9 +22,10 @@ import importlib
 import sys
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from torch import fx
 
@@ -59,6 +60,17 @@ class PassResult:
     gm: fx.GraphModule
     changed: bool
     stats: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """A named rewrite rule of a pass (canonicalize, fuse_accel): `apply(graph, ctx, declined)` rewrites
+    each match that `ctx.allow` permits (one bisect step each) and returns counts for the pass's stats:
+    "fired" (matches rewritten) and any others it keeps (kernels emitted, ...). Matches it declined go
+    to `declined`, for the pass to report."""
+
+    name: str
+    apply: Callable[[fx.GraphModule, PassContext, list[Any]], Counter[str]]
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +33,7 @@ from torch import fx
 
 from hetero.compiler import meta
 from hetero.compiler.meta import ModuleFrame, Region, RegionKind
-from hetero.compiler.pipeline import PassContext, PassResult
+from hetero.compiler.pipeline import PassContext, PassResult, Rewrite
 from hetero.passes.analyze_cost import param_sources
 from hetero.passes.engram_recognition import find_engram_lookups
 from hetero.passes.moe_recognition import MoeMatch, Rejection, find_moe
@@ -97,17 +96,11 @@ def region_of(stack: tuple[ModuleFrame, ...]) -> Region | None:
     return None
 
 
-@dataclass(frozen=True)
-class Rewrite:
-    name: str
-    apply: Callable[[fx.GraphModule, PassContext], int]  # returns how many times it fired
-
-
 def canonicalize(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     tagged = _tag_regions(gm)
     stats = {"tagged_nodes": tagged, "engram_lookups": _tag_engram(gm)}
     for rewrite in REWRITES:
-        stats[f"rewrites.{rewrite.name}"] = rewrite.apply(gm, ctx)
+        stats[f"rewrites.{rewrite.name}"] = rewrite.apply(gm, ctx, [])["fired"]
     regions = {meta.region(n) for n in gm.graph.nodes if meta.region(n) is not None}
     for kind, n in sorted(Counter(r.kind for r in regions).items()):
         stats[f"regions.{kind}"] = n
@@ -156,7 +149,7 @@ def _tag_engram(gm: fx.GraphModule) -> int:
     return len(lookups)
 
 
-def _rewrite_moe_experts(gm: fx.GraphModule, ctx: PassContext) -> int:
+def _rewrite_moe_experts(gm: fx.GraphModule, ctx: PassContext, declined: list[object]) -> Counter[str]:
     regions = dict.fromkeys(
         meta.region(n)
         for n in gm.graph.nodes
@@ -184,7 +177,7 @@ def _rewrite_moe_experts(gm: fx.GraphModule, ctx: PassContext) -> int:
             continue
         _replace(gm, found)
         fired += 1
-    return fired
+    return Counter(fired=fired)
 
 
 _ROLES = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")

@@ -33,10 +33,10 @@ import torch
 from torch import fx
 from torch.utils._pytree import tree_flatten
 
-import hetero.accel_ops  # noqa: F401 - defines the torch.ops.hetero kernels this pass emits
+import hetero.accel_ops  # defines the torch.ops.hetero kernels this pass emits, and lists them
 from hetero.compiler import meta
 from hetero.compiler.meta import Region
-from hetero.compiler.pipeline import PassContext, PassResult
+from hetero.compiler.pipeline import PassContext, PassResult, Rewrite
 from hetero.passes.mla_recognition import (
     MlaPrologue,
     NormMatch,
@@ -50,7 +50,7 @@ from hetero.passes.mla_recognition import (
 _aten = torch.ops.aten
 _hetero = torch.ops.hetero
 _VIEW_TARGETS = (_aten.view_as_real.default, _aten.select.int, _aten.unsqueeze.default, _aten.slice.Tensor)
-KERNEL_OPS = ("rmsnorm", "add_rmsnorm", "silu_mul", "mla_norms", "mla_rope_q", "mla_rope_k")
+KERNEL_OPS = tuple(hetero.accel_ops.REFERENCES)  # the accel ops, declared once in hetero.accel_ops
 
 
 @dataclass(frozen=True)
@@ -60,14 +60,6 @@ class AccelKernel:
 
     def __str__(self) -> str:
         return f"{self.backend} {self.kind}"
-
-
-@dataclass(frozen=True)
-class Rewrite:
-    name: str
-    # (partition graph, where to record unfused candidates, bisect's permission per fusion)
-    #   -> kernels emitted, by op
-    apply: Callable[[fx.GraphModule, list[Unfused], Callable[[str], bool]], Counter[str]]
 
 
 COUNTS_REWRITES = True  # each fusion is one bisect step (ctx.allow)
@@ -81,7 +73,7 @@ def fuse_accel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             continue
         sub = getattr(gm, call.target)
         for rewrite in REWRITES:
-            kernels = rewrite.apply(sub, unfused, ctx.allow)
+            kernels = rewrite.apply(sub, ctx, unfused)
             stats[f"rewrites.{rewrite.name}"] += kernels.pop("fired", 0)
             cache_writes = kernels.pop("kv_cache_writes", 0)
             stats.update({f"kernels.{k}": n for k, n in kernels.items()})
@@ -163,12 +155,12 @@ def _fake_run(target: object, args: tuple[object, ...]) -> object:
 # The MLA prologue
 
 
-def _fuse_mla(sub: fx.GraphModule, unfused: list[Unfused], allow: Callable[[str], bool]) -> Counter[str]:
+def _fuse_mla(sub: fx.GraphModule, ctx: PassContext, unfused: list[Unfused]) -> Counter[str]:
     found, rejected = find_mla(sub.graph)
     unfused.extend(rejected)
     kernels: Counter[str] = Counter()
     for match in found:
-        if not allow(f"mla_preprocess of {match.module}"):
+        if not ctx.allow(f"mla_preprocess of {match.module}"):
             continue
         region = Region("mla_preprocess", match.module)
         swap = _Substitution()
@@ -248,13 +240,11 @@ def _emit_tables(emit: _Emitter, rope: Rope) -> tuple[fx.Node, fx.Node]:
 # Small-op fusions
 
 
-def _fuse_add_rmsnorm(
-    sub: fx.GraphModule, unfused: list[Unfused], allow: Callable[[str], bool]
-) -> Counter[str]:
+def _fuse_add_rmsnorm(sub: fx.GraphModule, ctx: PassContext, unfused: list[Unfused]) -> Counter[str]:
     kernels: Counter[str] = Counter()
     for norm in find_rmsnorms(sub.graph):
         parts = _residual_add(norm)
-        if parts is None or not allow(f"add_rmsnorm at %{norm.out.name} ({_where(norm.out)})"):
+        if parts is None or not ctx.allow(f"add_rmsnorm at %{norm.out.name} ({_where(norm.out)})"):
             continue
         emit = _Emitter(
             sub.graph, norm.out, meta.region(norm.out), f"residual add + RMSNorm %{norm.out.name}"
@@ -282,7 +272,7 @@ def _residual_add(norm: NormMatch) -> tuple[fx.Node, fx.Node] | None:
     return a, b
 
 
-def _fuse_silu_mul(sub: fx.GraphModule, unfused: list[Unfused], allow: Callable[[str], bool]) -> Counter[str]:
+def _fuse_silu_mul(sub: fx.GraphModule, ctx: PassContext, unfused: list[Unfused]) -> Counter[str]:
     kernels: Counter[str] = Counter()
     for mul in list(sub.graph.find_nodes(op="call_function", target=_aten.mul.Tensor)):
         args = mul.args
@@ -294,7 +284,7 @@ def _fuse_silu_mul(sub: fx.GraphModule, unfused: list[Unfused], allow: Callable[
             continue
         if meta.val(silu).shape != meta.val(mul).shape or meta.val(up).dtype != meta.val(silu).dtype:
             continue
-        if not allow(f"silu_mul at %{mul.name} ({_where(mul)})"):
+        if not ctx.allow(f"silu_mul at %{mul.name} ({_where(mul)})"):
             continue
         emit = _Emitter(sub.graph, mul, meta.region(mul), f"silu(gate) * up %{mul.name}")
         swap = _Substitution()

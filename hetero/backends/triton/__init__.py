@@ -22,15 +22,8 @@ from hetero.backends.triton.kernels import interpreting
 
 __all__ = ["interpreting", "register"]
 
-LAUNCHERS: dict[str, Callable[..., Any]] = {
-    "rmsnorm": launch.rmsnorm,
-    "add_rmsnorm": launch.add_rmsnorm,
-    "silu_mul": launch.silu_mul,
-    "mla_norms": launch.mla_norms,
-    "mla_rope_q": launch.mla_rope_q,
-    "mla_rope_k": launch.mla_rope_k,
-}
-assert LAUNCHERS.keys() == accel_ops.REFERENCES.keys(), "every accel op needs a Triton launcher"
+# Each accel op (declared once, in hetero.accel_ops) has a launcher of the same name in launch.py.
+LAUNCHERS: dict[str, Callable[..., Any]] = {name: getattr(launch, name) for name in accel_ops.REFERENCES}
 
 _registered: set[str] = set()
 
