@@ -44,6 +44,7 @@ demo: venv
 test: venv
 	$(call system_package,chromium,chromium,the test that renders report.html in a browser is skipped)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 test-slow: venv
@@ -57,6 +58,7 @@ gpu-check:
 
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) hetero-dumps .pytest_cache test-artifacts gpu-check

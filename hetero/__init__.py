@@ -17,8 +17,8 @@ from hetero.compiler.errors import (
     PassError,
     PlacementError,
 )
-from hetero.compiler.explain import explain
 from hetero.compiler.report import Report
+from hetero.driver.explain import explain
 from hetero.runtime.executor import reset
 
 __version__ = "0.1.0"

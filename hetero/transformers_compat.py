@@ -186,7 +186,7 @@ def _tracing_for_hetero() -> bool:
     for _ in range(8):  # Dynamo's debug wrapper, torch.compile's options wrapper, functools.partial
         if fn is None:
             return False
-        if getattr(fn, "__module__", None) == "hetero.compiler.backend":
+        if getattr(fn, "__module__", None) == "hetero.driver.backend":
             return getattr(fn, "__qualname__", None) == "hetero_backend"
         fn = next(
             (getattr(fn, a) for a in ("_torchdynamo_orig_backend", "compiler_fn", "func") if hasattr(fn, a)),

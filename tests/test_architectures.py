@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from hetero.compiler.report import collect_reports
-from hetero.compiler.split_experts import experts_modules
+from hetero.driver.split_experts import experts_modules
 from hetero.numerics import rel_error
 from hetero.zoo import architectures
 

@@ -18,10 +18,10 @@ from torch import fx
 
 from hetero import zoo
 from hetero.compiler import meta
-from hetero.compiler.backend import capture_graph
 from hetero.compiler.format import format_graph, op_name
 from hetero.compiler.meta import Region
 from hetero.compiler.weights import ParamValues
+from hetero.driver.backend import capture_graph
 from hetero.numerics import TOLERANCE, rel_error
 from hetero.passes.batch_split import BatchPlan, analyze, split
 from tests.passes_util import run_passes
@@ -33,7 +33,7 @@ def _capture(model: torch.nn.Module, *inputs: Any) -> tuple[fx.GraphModule, list
     """capture_graph's annotated AOT graph, and the real values of its placeholders in order."""
     from torch._dynamo.backends.common import aot_autograd
 
-    from hetero.compiler.backend import _annotate_params, _flat_inputs
+    from hetero.driver.backend import _annotate_params, _flat_inputs
 
     captured: list[tuple[fx.GraphModule, list[Any]]] = []
 

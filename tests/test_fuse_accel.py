@@ -14,10 +14,10 @@ import torch
 import hetero
 from hetero import zoo
 from hetero.compiler import meta
-from hetero.compiler.backend import capture_graph
 from hetero.compiler.errors import FallbackError
 from hetero.compiler.format import format_graph
 from hetero.compiler.report import collect_reports
+from hetero.driver.backend import capture_graph
 from hetero.numerics import TOLERANCE, compare_generation, rel_error
 from tests import mla_models
 from tests.passes_util import run_passes

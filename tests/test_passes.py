@@ -9,8 +9,8 @@ import expecttest
 import torch
 
 from hetero.compiler import meta
-from hetero.compiler.backend import capture_graph
 from hetero.compiler.format import format_graph
+from hetero.driver.backend import capture_graph
 from tests.models import tiny_moe
 from tests.passes_util import run_passes
 

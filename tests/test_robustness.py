@@ -12,10 +12,10 @@ from torch import nn
 import hetero
 from hetero import zoo
 from hetero.compiler import meta
-from hetero.compiler.backend import capture_graph
 from hetero.compiler.errors import PassError
 from hetero.compiler.pipeline import PassResult, PassSpec
 from hetero.compiler.report import collect_reports
+from hetero.driver.backend import capture_graph
 from hetero.numerics import rel_error
 from tests.passes_util import run_passes
 

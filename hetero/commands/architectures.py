@@ -19,7 +19,7 @@ from hetero.commands import progress
 
 def row(model_type: str, options: dict[str, Any]) -> dict[str, Any]:
     import hetero
-    from hetero.compiler.split_experts import experts_modules
+    from hetero.driver.split_experts import experts_modules
     from hetero.zoo import architectures
 
     built = architectures.build(model_type)

@@ -13,7 +13,8 @@ from hetero.commands import compare, format_check, progress
 
 
 def list_passes() -> str:
-    from hetero.compiler.pipeline import DEFAULT_PIPELINE, get_pass
+    from hetero.compiler.pass_names import DEFAULT_PIPELINE
+    from hetero.compiler.pipeline import get_pass
 
     specs = [get_pass(name) for name in DEFAULT_PIPELINE]
     width = max(len(s.name) for s in specs)
@@ -34,7 +35,7 @@ def run(
     bisect: bool,
     command: list[str] | None = None,
 ) -> int:
-    from hetero.compiler.explain import compile_and_run
+    from hetero.driver.explain import compile_and_run
     from hetero.targets import load_target
 
     with progress(f"loading {target}"):
@@ -85,7 +86,7 @@ def _bisect(
     command: list[str],
 ) -> int:
     """Binary search for the first optional step after which the model no longer matches eager."""
-    from hetero.compiler.explain import compile_and_run
+    from hetero.driver.explain import compile_and_run
 
     def probe(limit: int | None) -> tuple[bool, Any]:
         torch._dynamo.reset()

@@ -47,7 +47,7 @@ def run(target: str, out: Path, depth: int | None, options: dict[str, Any]) -> i
 
 def _compile(target: str, out: Path, options: dict[str, Any]) -> list[Path]:
     """Load the target (a bad one is refused before anything is written), then compile it into out/dumps."""
-    from hetero.compiler.explain import compile_and_run
+    from hetero.driver.explain import compile_and_run
     from hetero.targets import load_target
 
     with progress(f"loading {target}"):

@@ -19,10 +19,10 @@ from typing import Any, Literal
 import torch
 
 from hetero.compiler.errors import ConfigError, did_you_mean
+from hetero.compiler.meta import ROLES, Role
+from hetero.compiler.pass_names import PASS_NAMES, REQUIRED_PASSES
 from hetero.compiler.units import format_bytes, parse_size
 
-Role = Literal["accel", "host"]
-ROLES: tuple[Role, ...] = ("accel", "host")
 ENV_PREFIX = "HETERO_"
 
 
@@ -224,8 +224,6 @@ def _names(key: str, value: Any, from_env: bool) -> tuple[str, ...]:
 
 
 def _disabled(key: str, value: Any, from_env: bool) -> tuple[str, ...]:
-    from hetero.compiler.pipeline import REQUIRED_PASSES
-
     names = _pass_names(key, value, ())
     required = [n for n in names if n in REQUIRED_PASSES]
     if required:
@@ -249,8 +247,6 @@ def _pass_names(key: str, value: Any, words: tuple[str, ...]) -> tuple[str, ...]
 
 
 def _check_pass(key: str, name: str, words: tuple[str, ...] = ()) -> None:
-    from hetero.compiler.pipeline import PASS_NAMES  # the runner owns the list of passes
-
     if name in PASS_NAMES:
         return
     valid = PASS_NAMES + words

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -78,16 +76,3 @@ class DumpFolder:
 
     def write_json(self, name: str, obj: Any) -> Path:
         return self.write_text(name, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-    def write_dot(self, name: str, dot_text: str) -> None:
-        """graph.dot always; graph.svg too when Graphviz's `dot` is on PATH."""
-        from hetero.viz import render_svg
-
-        dot_path = self.write_text(name, dot_text)
-        try:
-            svg = render_svg(dot_text)
-        except (RuntimeError, subprocess.SubprocessError, OSError) as e:
-            warnings.warn(f"hetero: rendering {dot_path} to SVG failed: {e}", stacklevel=2)
-            return
-        if svg is not None:
-            self.write_text(dot_path.with_suffix(".svg").name, svg)

@@ -13,7 +13,9 @@ from typing import Any, Literal
 import torch
 from torch import fx
 
-from hetero.compiler.config import Role
+Role = Literal["accel", "host"]
+ROLES: tuple[Role, ...] = ("accel", "host")
+
 
 # node.meta keys
 PARAM = "hetero.param"  # placeholder: ParamInfo when the input is a parameter or buffer

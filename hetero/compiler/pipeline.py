@@ -33,26 +33,13 @@ from hetero.compiler import meta
 from hetero.compiler.config import HeteroConfig, Target
 from hetero.compiler.errors import FallbackError, HeteroError, PassError, PlacementError, did_you_mean
 from hetero.compiler.format import format_graph, op_name
+from hetero.compiler.loading import load_callable
+from hetero.compiler.pass_names import DEFAULT_PIPELINE, PASS_NAMES, REQUIRED_PASSES
 from hetero.compiler.verify import check_values
 from hetero.compiler.weights import ParamValues
 
 if TYPE_CHECKING:
     from hetero.compiler.dump import DumpFolder
-
-DEFAULT_PIPELINE: tuple[str, ...] = (
-    "canonicalize",
-    "analyze_cost",
-    "place",
-    "split_batch",
-    "partition",
-    "fuse_accel",
-    "lower_host",
-    "schedule",
-)
-PASS_NAMES: tuple[str, ...] = DEFAULT_PIPELINE
-# The runtime cannot run a graph without these; the rest may be disabled or bisected away.
-REQUIRED_PASSES: frozenset[str] = frozenset({"analyze_cost", "place", "partition", "schedule"})
-OPTIONAL_PASSES: tuple[str, ...] = tuple(n for n in PASS_NAMES if n not in REQUIRED_PASSES)
 
 
 @dataclass(frozen=True)
@@ -218,8 +205,6 @@ def user_pass(spec: str) -> PassSpec:
     It is called as function(gm, ctx) and returns a PassResult, like the built-in passes; it is
     optional (one bisect step) unless it asks ctx.allow itself.
     """
-    from hetero.targets import load_callable
-
     fn = load_callable(spec, "pass")
     return PassSpec(
         getattr(fn, "__name__", spec),

@@ -8,9 +8,10 @@ until the event fired (and, on CUDA, its GPU work finished).
 
 `SimulatedDevice` runs every stream as a thread with a queue: the CPU implementation, which is what
 the test suite exercises (with an optional delay per stream, so that a read that is not ordered by
-an event fails). `CudaDevice` (hetero/runtime/cuda.py) launches a CUDA stream's work from a thread of
-its own, so that a wait on a host event blocks only that stream's launches, and hands GPU work over
-with CUDA events. Each executor owns its device; `close()` stops its threads.
+an event fails). `CudaDevice` (hetero/runtime/cuda.py, built on this module) launches a CUDA
+stream's work from a thread of its own, so that a wait on a host event blocks only that stream's
+launches, and hands GPU work over with CUDA events. Each executor owns its device; `close()` stops
+its threads.
 """
 
 from __future__ import annotations
@@ -154,12 +155,3 @@ def copy(x: torch.Tensor, device: torch.device | str, asynchronous: bool = False
     if device.type == "cuda" and x.device.type == "cpu":
         return x.pin_memory().to(device, non_blocking=asynchronous)
     return x.to(device, non_blocking=asynchronous and x.device.type == "cuda")
-
-
-def for_streams(specs: Iterable[StreamSpec], delay: Mapping[str, float] | None = None) -> Device:
-    """The device for a schedule's streams: CUDA when any stream runs on a CUDA device."""
-    if any(s.device.startswith("cuda") for s in specs):
-        from hetero.runtime.cuda import CudaDevice  # imports torch.cuda state only when a GPU is used
-
-        return CudaDevice()
-    return SimulatedDevice(delay)

@@ -39,7 +39,7 @@ import torch
 from hetero.compiler.guards import IndexCheck, check_arguments
 from hetero.compiler.schedule_ir import Schedule, Task
 from hetero.runtime import trace
-from hetero.runtime.device import Device, Event, for_streams
+from hetero.runtime.device import Device, Event, SimulatedDevice
 from hetero.runtime.device import copy as _move
 
 Kernel = Callable[..., Sequence[Any]]
@@ -122,7 +122,7 @@ class Executor:
         self._device: Device | None = None
         self._streams: dict[str, Any] = {}
         if self.mode == "pipelined":
-            self._device = device or for_streams(schedule.streams)
+            self._device = device or _device_for(schedule)
             self._streams = {spec.name: self._device.stream(spec) for spec in schedule.streams}
             weakref.finalize(self, self._device.close)  # the streams' threads end with the executor
         _LIVE.add(self)
@@ -265,6 +265,15 @@ class Executor:
     def on_host(self) -> frozenset[str]:
         """Accel partitions now running on the host after a fault."""
         return frozenset(self._on_host)
+
+
+def _device_for(schedule: Schedule) -> Device:
+    """CUDA when a stream runs on a CUDA device, else the thread simulation."""
+    if any(s.device.startswith("cuda") for s in schedule.streams):
+        from hetero.runtime.cuda import CudaDevice  # touches torch.cuda only when a GPU is used
+
+        return CudaDevice()
+    return SimulatedDevice()
 
 
 _LIVE: weakref.WeakSet[Executor] = weakref.WeakSet()

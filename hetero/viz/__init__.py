@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from hetero.compiler.dump import DumpFolder
 from hetero.viz.graph import dot_text
 from hetero.viz.html import report_html
 from hetero.viz.timeline import timeline_svg
@@ -33,6 +35,18 @@ def render_svg(dot: str) -> str | None:
     if done.returncode != 0:
         raise RuntimeError(f"dot -Tsvg failed: {done.stderr.strip()[:500]}")
     return done.stdout
+
+
+def write_dot(dump: DumpFolder, name: str, dot: str) -> None:
+    """`name` (graph.dot) into a dump folder always; its SVG too when Graphviz's `dot` is on PATH."""
+    dot_path = dump.write_text(name, dot)
+    try:
+        svg = render_svg(dot)
+    except (RuntimeError, subprocess.SubprocessError, OSError) as e:
+        warnings.warn(f"hetero: rendering {dot_path} to SVG failed: {e}", stacklevel=2)
+        return
+    if svg is not None:
+        dump.write_text(dot_path.with_suffix(".svg").name, svg)
 
 
 @dataclass(frozen=True)

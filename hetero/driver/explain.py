@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
-from hetero.compiler.backend import hetero_backend
 from hetero.compiler.config import HeteroConfig
 from hetero.compiler.errors import HeteroError
 from hetero.compiler.report import Report, collect_reports
+from hetero.driver.backend import hetero_backend
 
 
 def explain(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> Report:

@@ -31,9 +31,10 @@ from hetero.compiler.guards import check_arguments, index_checks
 from hetero.compiler.meta import ParamInfo
 from hetero.compiler.pipeline import Diagnostics, PassContext, pipeline_for, run_pipeline
 from hetero.compiler.report import Report, build_report, publish
-from hetero.compiler.split_experts import ExpertsWatch, calling_model, compiled_frame_module, lowered_experts
 from hetero.compiler.units import format_bytes
 from hetero.compiler.weights import ParamValues
+from hetero.driver.split_experts import ExpertsWatch, calling_model, compiled_frame_module, lowered_experts
+from hetero.viz import write_dot
 from hetero.viz.graph import dot_text
 
 # Experts loops that break Dynamo's graph (DBRX) trace as one hetero.moe_experts, for hetero's graphs only.
@@ -630,7 +631,7 @@ def _write_dump(
             dump.write_text("schedule.json", schedule_json + "\n")
         if graph is not None:
             dump.write_json("graph.json", graph)
-            dump.write_dot("graph.dot", dot_text(graph))
+            write_dot(dump, "graph.dot", dot_text(graph))
     except OSError as e:  # debug output never breaks a compile
         warnings.warn(f"hetero: writing dumps to {dump.path} failed: {e}", stacklevel=3)
 

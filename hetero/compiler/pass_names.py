@@ -1,0 +1,22 @@
+"""The built-in passes, in order, and which of them the runtime cannot do without.
+
+Data only, so that the config (which checks pass names in options) and the pipeline runner (which
+runs them) both read it from below.
+"""
+
+from __future__ import annotations
+
+DEFAULT_PIPELINE: tuple[str, ...] = (
+    "canonicalize",
+    "analyze_cost",
+    "place",
+    "split_batch",
+    "partition",
+    "fuse_accel",
+    "lower_host",
+    "schedule",
+)
+PASS_NAMES: tuple[str, ...] = DEFAULT_PIPELINE
+# The runtime cannot run a graph without these; the rest may be disabled or bisected away.
+REQUIRED_PASSES: frozenset[str] = frozenset({"analyze_cost", "place", "partition", "schedule"})
+OPTIONAL_PASSES: tuple[str, ...] = tuple(n for n in PASS_NAMES if n not in REQUIRED_PASSES)
