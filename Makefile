@@ -2,7 +2,8 @@
 # make demo  — the main job: zoo:deepseek-v3-tiny split across accel and host, checked against eager
 # make test  — the test suite (CPU only; GPU tests skip without CUDA), less the `slow` tests
 # make gpu-check — on a machine with CUDA and a preinstalled torch: GPU tests, demo, benchmarks -> gpu-check/
-# make test-slow — the `slow` tests (zoo models through Inductor, the costliest architectures, 4-rank EP)
+# make test-slow — the `slow` tests (zoo models through Inductor, the costliest architectures, the
+#                  multi-process expert-parallel tests, bisect and a 32-layer drawing)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python

@@ -54,10 +54,13 @@ ARCHS = architectures.names()
 # one core): the matrix runs them under the `slow` marker (`make test-slow`, and CI), the rest in
 # `make test`, which keeps it within ten minutes on two cores.
 SLOW = {
+    "afmoe",
     "axk2",
     "bailing_hybrid",
+    "deepseek_v2",
     "deepseek_v32",
     "deepseek_v4",
+    "doge",
     "dots3_note_text",
     "glm_moe_dsa",
     "hy_v4",
@@ -67,6 +70,8 @@ SLOW = {
     "jetmoe",
     "kimi_linear",
     "longcat_flash",
+    "minimax_m3_vl_text",
+    "qwen3_5_moe_text",
     "qwen4_exp_text",
 }
 MATRIX = [pytest.param(a, marks=pytest.mark.slow) if a in SLOW else a for a in ARCHS]

@@ -109,6 +109,7 @@ def test_diff_names_the_first_pass_that_differs(
     assert "graphs: the same after every pass" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # seven compiles
 def test_bisect_finds_the_broken_rewrite_of_an_injected_pass(capsys: pytest.CaptureFixture[str]) -> None:
     code = _main(["passes", ZOO, "--add-pass", f"canonicalize={BROKEN}", "--bisect", *FAST])
     out = capsys.readouterr().out
@@ -244,6 +245,7 @@ def test_print_after_changed_prints_only_passes_that_changed(capsys: pytest.Capt
 # Pictures
 
 
+@pytest.mark.slow  # traces a 32-layer model
 def test_a_32_layer_model_draws_a_few_boxes_per_layer() -> None:
     """Default depth: one box per layer and partition, so a deep model stays readable."""
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig

@@ -83,7 +83,7 @@ def _numerics_worker(rank: int, ranks: int, port: int, out: str, hierarchical: i
 
 @pytest.mark.parametrize(
     ("ranks", "hierarchical", "same"),
-    [(2, 0, False), pytest.param(4, 2, True, marks=pytest.mark.slow)],
+    [pytest.param(2, 0, False, marks=pytest.mark.slow), pytest.param(4, 2, True, marks=pytest.mark.slow)],
     ids=["2-ranks-flat-own-inputs", "4-ranks-two-level-same-inputs"],
 )
 def test_expert_parallel_matches_single_process_eager(
@@ -135,6 +135,7 @@ def _failure_worker(rank: int, ranks: int, port: int, out: str, how: str) -> Non
     os._exit(0)  # the group is broken; tearing it down would wait on the missing rank
 
 
+@pytest.mark.slow  # spawns and compiles on two ranks
 @pytest.mark.parametrize("how", ["dies", "stalls"])
 def test_a_missing_rank_gives_a_clear_error_within_the_timeout(tmp_path: Path, how: str) -> None:
     port = _free_port()
