@@ -21,7 +21,27 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hetero import zoo
+from hetero.bench import engram as bench_engram
+from hetero.bench import mla as bench_mla
+from hetero.bench import moe as bench_moe
+from hetero.bench import pipeline as bench_pipeline
+from hetero.commands import diff, passes, viz
+from hetero.commands.architectures import table as architectures_table
+from hetero.compiler.config import HeteroConfig
 from hetero.compiler.errors import ConfigError, HeteroError, TargetError
+from hetero.demo import run_demo
+from hetero.driver.explain import explain
+from hetero.targets import load_target
+from hetero.zoo import architectures
+
+# `hetero bench NAME`: each benchmark's entry point.
+BENCHES = {
+    "moe": bench_moe.main,
+    "engram": bench_engram.main,
+    "mla": bench_mla.main,
+    "pipeline": bench_pipeline.main,
+}
 
 EXAMPLES = {
     "": """examples:
@@ -119,30 +139,32 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_options_flag(demo)
 
-    explain = _command(sub, "explain", "compile TARGET and report placement, partitions and transfers")
-    explain.add_argument("target", nargs="?", help="zoo:NAME or path/to/file.py:factory")
-    explain.add_argument(
-        "--json", action="store_true", help="print the report as JSON (the summary.json dict)"
-    )
-    explain.add_argument("--list", action="store_true", help="list the zoo models and exit")
-    explain.add_argument(
-        "--architectures",
-        action="store_true",
-        help="compile every transformers MoE architecture (tiny, arch:MODEL_TYPE) and print what each gets",
-    )
-    _add_options_flag(explain)
+    _explain_parser(sub)
     _passes_parser(sub)
     _viz_parser(sub)
     _diff_parser(sub)
     bench = _command(sub, "bench", "benchmarks: ratios measured side by side in one run")
     bench.add_argument(
         "name",
-        choices=["moe", "engram", "mla", "pipeline"],
+        choices=list(BENCHES),
         help="moe: one MoE layer on the host; engram: the Engram block and the prefetch overlap; "
         "mla: the fused MLA prologue on the GPU; pipeline: the stream schedule against the sequential one",
     )
     bench.add_argument("--json", action="store_true", help="print the numbers as JSON")
     return parser
+
+
+def _explain_parser(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "explain", "compile TARGET and report placement, partitions and transfers")
+    p.add_argument("target", nargs="?", help="zoo:NAME or path/to/file.py:factory")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (the summary.json dict)")
+    p.add_argument("--list", action="store_true", help="list the zoo models and exit")
+    p.add_argument(
+        "--architectures",
+        action="store_true",
+        help="compile every transformers MoE architecture (tiny, arch:MODEL_TYPE) and print what each gets",
+    )
+    _add_options_flag(p)
 
 
 def _passes_parser(sub: argparse._SubParsersAction) -> None:
@@ -219,27 +241,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
-            from hetero.demo import run_demo
-
             return run_demo(args.model, args.dtype, args.steps, args.dump_dir, _options(parser, args.option))
         if args.command == "explain":
             return _explain(parser, args)
         if args.command == "passes":
             return _passes(parser, args, argv)
         if args.command == "viz":
-            from hetero.commands import viz
-
             if args.depth is not None and args.depth < 0:
                 parser.error("viz: --depth must be 0 or more")
             return viz.run(args.target, args.out, args.depth, _options(parser, args.option))
         if args.command == "diff":
-            from hetero.commands import diff
-
             return diff.run(args.a, args.b, args.context, args.max_lines or None)
         if args.command == "bench":
-            import importlib
-
-            return importlib.import_module(f"hetero.bench.{args.name}").main(as_json=args.json)
+            return BENCHES[args.name](as_json=args.json)
     except (ConfigError, TargetError) as e:  # what the user asked for cannot be had: a usage error
         print(f"hetero: error: {e}", file=sys.stderr)
         return 2
@@ -252,9 +266,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _options(parser: argparse.ArgumentParser, pairs: list[tuple[str, Any]], **more: Any) -> dict[str, Any]:
     """-O options plus the command's own; a bad one is a usage error (exit code 2)."""
-    from hetero.compiler.config import HeteroConfig
-    from hetero.compiler.errors import ConfigError
-
     options = {**dict(pairs), **{k: v for k, v in more.items() if v is not None}}
     try:
         HeteroConfig.build(options)
@@ -264,8 +275,6 @@ def _options(parser: argparse.ArgumentParser, pairs: list[tuple[str, Any]], **mo
 
 
 def _passes(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
-    from hetero.commands import passes
-
     flags = [
         args.print_before,
         args.print_after,
@@ -323,25 +332,17 @@ def _split(text: str | None) -> list[str]:
 
 def _explain(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.list:
-        from hetero import zoo
-        from hetero.zoo import architectures
-
         print("\n".join(f"zoo:{name}" for name in zoo.names()))
         print("\n".join(f"arch:{name}" for name in architectures.names()))
         return 0
     if args.architectures:
-        from hetero.commands.architectures import table
-
-        print(table(_options(parser, args.option), as_json=args.json), end="")
+        print(architectures_table(_options(parser, args.option), as_json=args.json), end="")
         return 0
     if not args.target:
         parser.error("explain needs a TARGET (zoo:NAME or path/to/file.py:factory); see --list")
-    import hetero
-    from hetero.targets import load_target
-
     options = _options(parser, args.option)
     model, inputs = load_target(args.target)
-    report = hetero.explain(model, *inputs, **options)
+    report = explain(model, *inputs, **options)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

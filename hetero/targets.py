@@ -8,19 +8,17 @@ from typing import Any
 
 import torch
 
+from hetero import zoo
 from hetero.compiler.errors import TargetError
 from hetero.compiler.loading import load_callable
+from hetero.zoo import architectures
 
 
 def load_target(spec: str) -> tuple[torch.nn.Module, tuple[Any, ...]]:
     if spec.startswith("zoo:"):
-        from hetero import zoo
-
         built = zoo.build(spec[len("zoo:") :])
         return built.model, built.example_inputs
     if spec.startswith("arch:"):  # a transformers MoE architecture, tiny (hetero.zoo.architectures)
-        from hetero.zoo import architectures
-
         built = architectures.build(spec[len("arch:") :])
         return built.model, built.example_inputs
     factory = load_callable(spec, "target")

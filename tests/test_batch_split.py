@@ -21,9 +21,9 @@ from hetero.compiler import meta
 from hetero.compiler.format import format_graph, op_name
 from hetero.compiler.meta import Region
 from hetero.compiler.weights import ParamValues
-from hetero.driver.backend import capture_graph
+from hetero.driver.capture import capture_graph
 from hetero.numerics import TOLERANCE, rel_error
-from hetero.passes.batch_split import BatchPlan, analyze, split
+from hetero.passes.batching import BatchPlan, analyze, split
 from tests.passes_util import run_passes
 
 PIPELINE = ("canonicalize", "analyze_cost", "place")
@@ -33,15 +33,15 @@ def _capture(model: torch.nn.Module, *inputs: Any) -> tuple[fx.GraphModule, list
     """capture_graph's annotated AOT graph, and the real values of its placeholders in order."""
     from torch._dynamo.backends.common import aot_autograd
 
-    from hetero.driver.backend import _annotate_params, _flat_inputs
+    from hetero.driver.capture import annotate_params, flat_inputs
 
     captured: list[tuple[fx.GraphModule, list[Any]]] = []
 
     def backend(gm: fx.GraphModule, example: Sequence[Any]) -> Any:
-        flat, params = _flat_inputs(gm, example)
+        flat, params = flat_inputs(gm, example)
 
         def keep(aot_gm: fx.GraphModule, fake: Sequence[Any]) -> Any:
-            _annotate_params(aot_gm, params)
+            annotate_params(aot_gm, params)
             captured.append((aot_gm, flat))
             return aot_gm.forward
 

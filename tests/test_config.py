@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from hetero.compiler.config import HeteroConfig, PlaceRule, Target, option_docs
+from hetero.compiler.config import HeteroConfig, Target, option_docs
 from hetero.compiler.errors import ConfigError, HeteroError
+from hetero.compiler.options import PlaceRule
 from hetero.compiler.units import format_bytes, parse_size
 
 

@@ -20,7 +20,7 @@ from hetero.compiler.errors import ConfigError, PassError
 from hetero.compiler.graph_data import graph_data
 from hetero.compiler.pass_names import DEFAULT_PIPELINE, OPTIONAL_PASSES
 from hetero.compiler.pipeline import PassResult, run_pipeline
-from hetero.driver.backend import capture_graph
+from hetero.driver.capture import capture_graph
 from hetero.viz.graph import collapse, dot_text
 from hetero.viz.timeline import timeline_svg
 from tests.broken_pass import rsqrt_names

@@ -17,7 +17,7 @@ from hetero.compiler import meta
 from hetero.compiler.errors import FallbackError
 from hetero.compiler.format import format_graph
 from hetero.compiler.report import collect_reports
-from hetero.driver.backend import capture_graph
+from hetero.driver.capture import capture_graph
 from hetero.numerics import TOLERANCE, compare_generation, rel_error
 from tests import mla_models
 from tests.passes_util import run_passes
@@ -276,7 +276,7 @@ def test_unknown_rope_is_left_unfused_with_the_reason() -> None:
 
 
 def _ropes(model: torch.nn.Module, *inputs: torch.Tensor) -> list[tuple[str, bool]]:
-    from hetero.passes.mla_recognition import find_mla
+    from hetero.passes.recognize.mla import find_mla
 
     torch._dynamo.reset()
     gm, _ = run_passes(capture_graph(model, *inputs), BEFORE, accel="cpu")

@@ -10,7 +10,7 @@ import torch
 
 from hetero.compiler import meta
 from hetero.compiler.format import format_graph
-from hetero.driver.backend import capture_graph
+from hetero.driver.capture import capture_graph
 from tests.models import tiny_moe
 from tests.passes_util import run_passes
 

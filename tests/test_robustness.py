@@ -15,7 +15,7 @@ from hetero.compiler import meta
 from hetero.compiler.errors import PassError
 from hetero.compiler.pipeline import PassResult, PassSpec
 from hetero.compiler.report import collect_reports
-from hetero.driver.backend import capture_graph
+from hetero.driver.capture import capture_graph
 from hetero.numerics import rel_error
 from tests.passes_util import run_passes
 

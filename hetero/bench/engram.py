@@ -20,8 +20,10 @@ from typing import Any
 
 import torch
 
-from hetero.bench import machine
+from hetero import zoo
+from hetero.bench import machine, report
 from hetero.numerics import rel_error
+from hetero.runtime import trace
 from hetero.zoo.engram import Engram, EngramConfig, NgramHash, head_primes, initial_context
 
 BATCH, TOKENS = 50, 14
@@ -123,9 +125,6 @@ def run(repeats: int = 7, config: EngramConfig = CONFIG, progress: Any = print) 
 
 
 def _overlap(repeats: int) -> dict[str, float]:
-    from hetero import zoo
-    from hetero.runtime import trace
-
     built = zoo.build("engram-tiny")
     compiled = torch.compile(built.model, backend="hetero")
     (ids,) = built.make_inputs(batch=4, seq=32)
@@ -174,6 +173,4 @@ def table(result: Result) -> str:
 
 
 def main(as_json: bool = False) -> int:
-    from hetero.bench import report
-
     return report(run, table, as_json)

@@ -24,6 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from hetero.bench import report
+from hetero.numerics import rel_error
+
 HIDDEN, Q_LORA, KV_LORA, ROPE, NOPE, HEADS = 7168, 1536, 512, 64, 128, 128
 PAST = 512
 CASES = (("decode", 1), ("decode", 8), ("decode", 64), ("prefill", 1))
@@ -100,8 +103,6 @@ def inputs(batch: int, tokens: int, device: str, seed: int = 0) -> tuple[torch.T
 def run(repeats: int = 50, progress: Callable[[str], None] = print) -> Result | None:
     if not torch.cuda.is_available():
         return None
-    from hetero.numerics import rel_error
-
     torch.manual_seed(0)
     model = Prologue().to("cuda", torch.bfloat16).eval()
     result = Result(torch.cuda.get_device_name())
@@ -206,8 +207,6 @@ def table(result: Result | None) -> str:
 
 
 def main(as_json: bool = False) -> int:
-    from hetero.bench import report
-
     if not torch.cuda.is_available():
         message = table(None)
         print(json.dumps({"skipped": message}) if as_json else message)

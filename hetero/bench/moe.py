@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from hetero.bench import machine
+from hetero.backends.onednn import probe
+from hetero.bench import machine, report
 from hetero.numerics import rel_error
 
 SIZES = {"hidden": 2048, "inter": 1408, "experts": 64, "top_k": 6, "shared": 2}
@@ -129,8 +130,6 @@ def run(
     """Compile and warm every variant, then time them round-robin: each repetition times every
     variant at every size (and re-measures bandwidth and peak), so a noisy machine slows all of them
     alike; the reported numbers are medians over repetitions."""
-    from hetero.backends.onednn import probe
-
     start = time.perf_counter()
     g = torch.Generator().manual_seed(1)
     inputs = {t: torch.randn(1, t, sizes["hidden"], generator=g).to(torch.bfloat16) for t in tokens}
@@ -238,6 +237,4 @@ def table(result: Result) -> str:
 
 
 def main(as_json: bool = False) -> int:
-    from hetero.bench import report
-
     return report(run, table, as_json)

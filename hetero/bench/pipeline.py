@@ -25,7 +25,11 @@ from typing import Any
 
 import torch
 
+from hetero.bench import report
 from hetero.numerics import rel_error
+from hetero.runtime import trace
+from hetero.runtime.executor import live_executors
+from hetero.runtime.simulate import simulate
 
 SIZES = {
     "layers": 4,
@@ -100,10 +104,6 @@ def run(progress: Any = print, micro_batches: int = 1, sizes: dict[str, int] | N
 
 
 def _run(progress: Any, micro_batches: int, sizes: dict[str, int] | None) -> Result:
-    from hetero.runtime import trace
-    from hetero.runtime.executor import live_executors
-    from hetero.runtime.simulate import simulate
-
     accel = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if accel == "cuda" else torch.float32
     threads = torch.get_num_threads()
@@ -204,6 +204,4 @@ def _device_name(device: torch.device) -> str:
 
 
 def main(as_json: bool = False) -> int:
-    from hetero.bench import report
-
     return report(run, table, as_json)

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from hetero.numerics import TOLERANCE, rel_error
+
 
 @contextmanager
 def progress(what: str) -> Iterator[None]:
@@ -36,8 +38,6 @@ def tensor_leaves(value: Any, name: str = "output") -> Iterator[tuple[str, torch
 
 def compare(got: Any, want: Any) -> list[dict[str, Any]]:
     """Per output tensor: its path, shape, dtype, relative error against eager, tolerance and verdict."""
-    from hetero.numerics import TOLERANCE, rel_error
-
     expected = dict(tensor_leaves(want))
     rows = []
     for path, tensor in tensor_leaves(got):

@@ -15,19 +15,18 @@ from typing import Any
 import torch
 
 from hetero.commands import progress
+from hetero.driver.explain import explain
+from hetero.driver.split_experts import experts_modules
+from hetero.zoo import architectures
 
 
 def row(model_type: str, options: dict[str, Any]) -> dict[str, Any]:
-    import hetero
-    from hetero.driver.split_experts import experts_modules
-    from hetero.zoo import architectures
-
     built = architectures.build(model_type)
     experts = experts_modules(built.model)
     torch._dynamo.reset()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report = hetero.explain(
+        report = explain(
             built.model, *built.example_inputs, **{"accel": "cpu", "partition_compiler": "eager", **options}
         )
     kernels = [k for k in report.host_kernels if k["kind"] == "moe"]
@@ -46,8 +45,6 @@ def row(model_type: str, options: dict[str, Any]) -> dict[str, Any]:
 
 
 def table(options: dict[str, Any], as_json: bool = False) -> str:
-    from hetero.zoo import architectures
-
     rows = []
     for model_type in architectures.names():
         with progress(f"arch:{model_type}"):

@@ -10,19 +10,25 @@ from typing import Any
 import torch
 
 from hetero.commands import compare, format_check, progress
+from hetero.compiler.pass_names import DEFAULT_PIPELINE
+from hetero.compiler.pipeline import get_pass
+from hetero.driver.build import STAGES
+from hetero.driver.explain import compile_and_run
+from hetero.targets import load_target
 
 
 def list_passes() -> str:
-    from hetero.compiler.pass_names import DEFAULT_PIPELINE
-    from hetero.compiler.pipeline import get_pass
-
     specs = [get_pass(name) for name in DEFAULT_PIPELINE]
-    width = max(len(s.name) for s in specs)
+    width = max(len(n) for n in [*(s.name for s in specs), *(st.name for st in STAGES)])
     lines = ["the pipeline, in order (optional passes can be disabled and bisected):"]
     for s in specs:
         kind = "required" if s.required else "optional"
         steps = ", one bisect step per rewrite" if s.counts_rewrites else ""
         lines.append(f"  {s.name:<{width}}  {kind}{steps}: {s.doc}")
+    lines.append("then the driver's stages (always run; --print-after and dumps name them too):")
+    for stage in STAGES:
+        doc = (stage.run.__doc__ or "").strip().split("\n", 1)[0]
+        lines.append(f"  {stage.name:<{width}}  {doc}")
     return "\n".join(lines) + "\n"
 
 
@@ -35,9 +41,6 @@ def run(
     bisect: bool,
     command: list[str] | None = None,
 ) -> int:
-    from hetero.driver.explain import compile_and_run
-    from hetero.targets import load_target
-
     with progress(f"loading {target}"):
         model, inputs = load_target(target)
     expected = _eager(model, inputs) if check or bisect else None
@@ -86,7 +89,6 @@ def _bisect(
     command: list[str],
 ) -> int:
     """Binary search for the first optional step after which the model no longer matches eager."""
-    from hetero.driver.explain import compile_and_run
 
     def probe(limit: int | None) -> tuple[bool, Any]:
         torch._dynamo.reset()

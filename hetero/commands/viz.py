@@ -13,11 +13,12 @@ from typing import Any
 from hetero.commands import progress
 from hetero.compiler.dump import claim, graph_folders
 from hetero.compiler.errors import HeteroError
+from hetero.driver.explain import compile_and_run
+from hetero.targets import load_target
+from hetero.viz import NO_DOT_HINT, write_pictures
 
 
 def run(target: str, out: Path, depth: int | None, options: dict[str, Any]) -> int:
-    from hetero.viz import NO_DOT_HINT, write_pictures
-
     if Path(target).is_dir():
         folders = graph_folders(Path(target))
         if not folders:
@@ -47,9 +48,6 @@ def run(target: str, out: Path, depth: int | None, options: dict[str, Any]) -> i
 
 def _compile(target: str, out: Path, options: dict[str, Any]) -> list[Path]:
     """Load the target (a bad one is refused before anything is written), then compile it into out/dumps."""
-    from hetero.driver.explain import compile_and_run
-    from hetero.targets import load_target
-
     with progress(f"loading {target}"):
         model, inputs = load_target(target)
     claim(out, "--out")

@@ -13,8 +13,9 @@ from collections.abc import Iterable
 import torch
 from torch import fx
 
-from hetero.compiler.config import ROLES, Role, Target
+from hetero.compiler.config import Target
 from hetero.compiler.errors import ConfigError
+from hetero.compiler.meta import ROLES, Role
 
 _DECLARED: dict[str, frozenset[Role]] = {}
 _DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA"}

@@ -21,6 +21,7 @@ from typing import Any
 from torch import fx
 
 from hetero.compiler import meta
+from hetero.compiler.format import op_name
 from hetero.compiler.ops import transfer
 
 
@@ -91,8 +92,6 @@ def graph_data(gm: fx.GraphModule, name: str) -> dict[str, Any]:
 
 
 def _node(n: fx.Node, info: meta.PartitionInfo) -> dict[str, Any]:
-    from hetero.compiler.format import op_name
-
     region = meta.region(n)
     cost = meta.cost(n)
     lowering = n.meta.get(meta.LOWERING)

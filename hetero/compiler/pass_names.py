@@ -20,3 +20,14 @@ PASS_NAMES: tuple[str, ...] = DEFAULT_PIPELINE
 # The runtime cannot run a graph without these; the rest may be disabled or bisected away.
 REQUIRED_PASSES: frozenset[str] = frozenset({"analyze_cost", "place", "partition", "schedule"})
 OPTIONAL_PASSES: tuple[str, ...] = tuple(n for n in PASS_NAMES if n not in REQUIRED_PASSES)
+
+# The driver's stages, run after the passes (hetero/driver/build.py STAGES): always run, never bisected;
+# `print_after` and the dumps name them like passes.
+STAGE_NAMES: tuple[str, ...] = (
+    "bind",
+    "compile_partitions",
+    "report",
+    "build_executor",
+    "release_weights",
+    "experts_watch",
+)

@@ -14,6 +14,10 @@ With bisect_limit=N, steps past N are skipped and each step is logged on stderr 
     BISECT: NOT running step (4) lower_host: the whole pass
 
 Required passes (those the runtime needs: a placed, partitioned, scheduled graph) always run.
+
+After the passes the driver runs its stages (bind host kernels, compile partitions, build the
+executor, ...) through `run_stages`: timed, dumped when they change the graph, and errors named after
+the stage, like a pass; they are always run and never bisected.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TextIO, TypeVar
 
 from torch import fx
+from torch._dynamo.exc import RestartAnalysis
 
 from hetero.compiler import meta
 from hetero.compiler.config import HeteroConfig, Target
@@ -317,3 +322,57 @@ def _instrument(what: str, action: Callable[..., object], *args: object) -> None
         action(*args)
     except Exception as e:
         warnings.warn(f"hetero: {what} failed and was skipped: {type(e).__name__}: {e}", stacklevel=3)
+
+
+class HasGraph(Protocol):
+    gm: fx.GraphModule
+
+
+S = TypeVar("S", bound=HasGraph)
+
+
+@dataclass(frozen=True)
+class Stage(Generic[S]):
+    """A step of the driver after the passes: `run(state)` works on the driver's state for one graph
+    and returns what a pass returns (the graph it changed, if any, and stats)."""
+
+    name: str
+    run: Callable[[S], PassResult]
+
+
+def run_stages(
+    stages: Sequence[Stage[S]],
+    state: S,
+    ctx: PassContext,
+    records: list[PassRecord],
+    dump: DumpFolder | None = None,
+) -> None:
+    """Run each stage in order; append its record to `records` (after the passes' own) and dump the
+    graph after each stage that changed it, numbered on from the passes' files.
+
+    A HeteroError a stage raises reaches the caller as it is (its type is what users catch); any other
+    exception becomes a PassError naming the stage.
+    """
+    for spec in stages:
+        if _selected(spec.name, ctx.config.print_before):
+            _instrument(
+                "print", _print, sys.stdout, f"# hetero: {ctx.graph_name} before {spec.name}", state.gm
+            )
+        ctx.current_pass = spec.name
+        start = time.perf_counter()
+        try:
+            result = spec.run(state)
+        except (HeteroError, RestartAnalysis):  # Dynamo's restart re-traces the frame: not a failure
+            raise
+        except Exception as e:
+            raise PassError(spec.name, f"{type(e).__name__}: {e}") from e
+        finally:
+            ctx.current_pass = ""
+        ms = (time.perf_counter() - start) * 1000
+        records.append(PassRecord(spec.name, ms, result.changed, dict(result.stats)))
+        if result.changed:
+            _instrument("dump", _dump, dump, f"{len(records):02d}_{spec.name}.txt", result.gm)
+        print_after = ctx.config.print_after
+        if _selected(spec.name, print_after) or ("changed" in print_after and result.changed):
+            header = f"# hetero: {ctx.graph_name} after {spec.name}"
+            _instrument("print", _print, sys.stdout, header, result.gm)

@@ -206,16 +206,34 @@ def build_report(
     dump: str | None,
 ) -> Report:
     sizes = meta.param_sizes(gm)
-    report = Report(
+    partitions, part_of, region_nodes = _partitions(gm, compilers, sizes)
+    return Report(
         graph=graph,
         accel=accel,
         pipeline=list(pipeline),
         passes=[r.to_dict() for r in records],
+        partitions=partitions,
+        regions=_regions(region_nodes, sizes),
+        transfers=_transfers(gm, part_of),
         fallbacks=[f.to_dict() for f in fallbacks],
+        budget=_budget(gm),
         dump=dump,
     )
+
+
+# The nodes of each (region, role), with what lowers each node: its host or accel kernel, or the
+# partition compiler.
+_RegionNodes = dict[tuple[meta.Region, str], list[tuple[fx.Node, str]]]
+
+
+def _partitions(
+    gm: fx.GraphModule, compilers: dict[str, str], sizes: dict[str, int]
+) -> tuple[list[dict[str, Any]], dict[fx.Node, int], _RegionNodes]:
+    """The report's partitions; the partition each partition call and its getitems belong to; and the
+    nodes of each region, gathered from inside the partitions."""
+    partitions: list[dict[str, Any]] = []
     part_of: dict[fx.Node, int] = {}
-    region_nodes: dict[tuple[meta.Region, str], list[tuple[fx.Node, str]]] = defaultdict(list)
+    region_nodes: _RegionNodes = defaultdict(list)
     for node in gm.graph.nodes:
         info = meta.partition(node)
         if node.op == "call_module" and info is not None:
@@ -223,7 +241,7 @@ def build_report(
             inner = [n for n in getattr(gm, node.target).graph.nodes if n.op == "call_function"]
             params = {p for n in inner if meta.cost(n) for p in meta.cost(n).params}
             kernels = {str(n.meta[meta.LOWERING]).split()[0] for n in inner if meta.LOWERING in n.meta}
-            report.partitions.append(
+            partitions.append(
                 {
                     "id": info.id,
                     "role": info.role,
@@ -242,12 +260,17 @@ def build_report(
                     region_nodes[(meta.region(n), info.role)].append((n, lowering))
         elif node.op == "call_function" and node.target is operator.getitem and node.args[0] in part_of:
             part_of[node] = part_of[node.args[0]]
+    return partitions, part_of, region_nodes
+
+
+def _regions(region_nodes: _RegionNodes, sizes: dict[str, int]) -> list[dict[str, Any]]:
+    regions = []
     for (region, role), members in region_nodes.items():
         params = {p for n, _ in members if meta.cost(n) for p in meta.cost(n).params}
         reasons = Counter(
             meta.placed_by(n) for n, _ in members if not (meta.placed_by(n) or "").startswith("follows")
         )
-        report.regions.append(
+        regions.append(
             {
                 "kind": region.kind,
                 "module": region.module,
@@ -258,12 +281,17 @@ def build_report(
                 "placed_by": reasons.most_common(1)[0][0] if reasons else "default",
             }
         )
+    return regions
+
+
+def _transfers(gm: fx.GraphModule, part_of: dict[fx.Node, int]) -> list[dict[str, Any]]:
+    transfers = []
     for node in gm.graph.nodes:
         t = meta.transfer(node)
         if t is None or node.target is not transfer:
             continue
         consumers = [part_of[u] for u in node.users if u.op == "call_module" and u in part_of]
-        report.transfers.append(
+        transfers.append(
             {
                 "src": part_of.get(node.args[0], -1),
                 "dst": min(consumers, default=-1),
@@ -274,17 +302,21 @@ def build_report(
                 "dst_role": t.dst,
             }
         )
+    return transfers
+
+
+def _budget(gm: fx.GraphModule) -> dict[str, Any] | None:
     budget = gm.meta.get(meta.BUDGET)
-    if budget is not None:
-        report.budget = {
-            "accel_memory_budget": budget.budget,
-            "accel_param_bytes_before": budget.accel_bytes_before,
-            "accel_param_bytes": budget.accel_bytes,
-            "host_param_bytes": budget.host_bytes,
-            "moved": [{"module": m, "bytes": b} for m, b in budget.moved],
-            "fits": budget.fits,
-        }
-    return report
+    if budget is None:
+        return None
+    return {
+        "accel_memory_budget": budget.budget,
+        "accel_param_bytes_before": budget.accel_bytes_before,
+        "accel_param_bytes": budget.accel_bytes,
+        "host_param_bytes": budget.host_bytes,
+        "moved": [{"module": m, "bytes": b} for m, b in budget.moved],
+        "fits": budget.fits,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------

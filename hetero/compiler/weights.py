@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from hetero.compiler import meta
 from hetero.compiler.errors import HeteroError
 
 T = TypeVar("T")
@@ -44,8 +45,6 @@ class ParamValues:
     @classmethod
     def from_model(cls, gm: Any, model: torch.nn.Module) -> ParamValues:
         """The values of `gm`'s parameter placeholders, looked up in `model` by FQN (for tests and tools)."""
-        from hetero.compiler import meta
-
         named = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers())}
         return cls(
             {

@@ -10,8 +10,10 @@ import torch
 
 from hetero.compiler.config import HeteroConfig
 from hetero.compiler.errors import HeteroError
+from hetero.compiler.meta import ModuleFrame
 from hetero.compiler.report import Report, collect_reports
 from hetero.driver.backend import hetero_backend
+from hetero.passes.recognize.regions import region_of
 
 
 def explain(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> Report:
@@ -62,9 +64,6 @@ def _experts_no_graph_held(
 
     Such a layer still runs correctly, piece by piece, but its experts never reach a host kernel.
     """
-    from hetero.compiler.meta import ModuleFrame
-    from hetero.passes.canonicalize import region_of
-
     seen = {r["module"] for report in reports for r in report.regions if r["kind"] == "moe"}
     # Graphs that read a piece of a layer already reported it (the backend's split-experts check).
     seen |= {

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 
 from hetero.compiler.errors import FallbackError
+from hetero.compiler.meta import ModuleFrame
+from hetero.passes.recognize.regions import region_of
 
 MOE_BLOCK = r"MoE|Moe|MixtureOfExperts|SparseMoeBlock"
 HINT = (
@@ -121,9 +123,6 @@ def _moe_frame(frame: torch.nn.Module) -> bool:
 
 def experts_modules(root: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """Experts modules under `root` (itself included, as ""), outermost only, by the region rules."""
-    from hetero.compiler.meta import ModuleFrame
-    from hetero.passes.canonicalize import region_of  # the region rules live with the pass that tags
-
     found: dict[str, torch.nn.Module] = {}
     for path, module in root.named_modules():
         if any(path.startswith(p + ".") or not p for p in found):

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 import hetero
+from hetero import zoo
 from hetero.numerics import TOLERANCE, rel_error
 from hetero.ops import moe_experts
 from hetero.parallel import zipf_counts
@@ -132,8 +133,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _model(args: argparse.Namespace) -> tuple[nn.Module, object]:
     if args.zoo:
-        from hetero import zoo
-
         zm = zoo.build(args.zoo)
 
         class Logits(nn.Module):

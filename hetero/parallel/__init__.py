@@ -12,6 +12,7 @@ order. A placement change moves expert weights between ranks and never recompile
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +23,7 @@ from hetero.compiler import meta
 from hetero.compiler.binding import HANDLES, Binding
 from hetero.compiler.errors import ConfigError
 from hetero.compiler.weights import ParamValues
+from hetero.parallel.dispatch import ExpertParallelMoe, close_groups, live_layers
 from hetero.parallel.placement import Placement, balanced, imbalance, uniform, zipf_counts
 
 __all__ = [
@@ -40,8 +42,6 @@ __all__ = [
 
 def layers(model: torch.nn.Module) -> dict[str, Any]:
     """The expert-parallel layers of a compiled model on this rank: module path -> ExpertParallelMoe."""
-    from hetero.parallel.dispatch import live_layers
-
     ids = {id(p) for p in model.parameters()}
     found = {layer.layer: layer for layer in live_layers() if layer.param_ids & ids}
     return dict(sorted(found.items(), key=lambda kv: _natural(kv[0])))
@@ -82,8 +82,6 @@ def rebalance(model: torch.nn.Module, slots_per_rank: int | None = None) -> dict
 def shutdown() -> None:
     """Destroy the process groups expert parallelism created; call on every rank before
     torch.distributed.destroy_process_group(). Compiled expert-parallel models stop working."""
-    from hetero.parallel.dispatch import close_groups
-
     close_groups()
 
 
@@ -98,8 +96,6 @@ def _layers_or_error(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def _natural(path: str) -> list[Any]:
-    import re
-
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", path)]
 
 
@@ -113,8 +109,6 @@ OPS = ("ep_moe",)
 
 def bind(sub: fx.GraphModule, values: ParamValues) -> Binding:
     """Build (once per layer and parameter objects) and register the expert-parallel layers of a partition."""
-    from hetero.parallel.dispatch import ExpertParallelMoe
-
     binding = Binding()
     for node in sub.graph.nodes:
         if node.target is not torch.ops.hetero.ep_moe.default:

@@ -33,8 +33,8 @@ import torch.distributed as dist
 
 from hetero.backends.onednn.moe import PackedMoe
 from hetero.compiler.binding import HANDLES
-from hetero.compiler.config import ExpertParallel
 from hetero.compiler.errors import CollectiveError, ConfigError
+from hetero.compiler.options import ExpertParallel
 from hetero.ops import expert_weight, num_experts
 from hetero.parallel.placement import Placement, uniform
 

@@ -2,7 +2,7 @@
 
 Expects: the partitioned graph (partition).
 Guarantees, in every accel partition:
-- each MLA prologue (mla_recognition.find_mla) becomes `hetero.mla_norms` (the q and kv latent
+- each MLA prologue (recognize.mla.find_mla) becomes `hetero.mla_norms` (the q and kv latent
   RMSNorms in one kernel; `hetero.rmsnorm` without q LoRA), `hetero.mla_rope_q` (RoPE on q's rotary
   part and the concatenation to the full query) and `hetero.mla_rope_k` (RoPE on k's rotary part and,
   when the graph appends it to a cache, the cache write). These nodes form the region
@@ -37,15 +37,8 @@ import hetero.accel_ops  # defines the torch.ops.hetero kernels this pass emits,
 from hetero.compiler import meta
 from hetero.compiler.meta import Region
 from hetero.compiler.pipeline import PassContext, PassResult, Rewrite
-from hetero.passes.mla_recognition import (
-    MlaPrologue,
-    NormMatch,
-    Rope,
-    Unfused,
-    find_mla,
-    find_rmsnorms,
-    table_steps,
-)
+from hetero.passes.recognize.mla import MlaPrologue, NormMatch, Unfused, find_mla, find_rmsnorms
+from hetero.passes.recognize.rope import Rope, table_steps
 
 _aten = torch.ops.aten
 _hetero = torch.ops.hetero

@@ -38,7 +38,7 @@ from hetero.compiler import meta
 from hetero.compiler.ops import transfer
 from hetero.compiler.pipeline import PassContext, PassResult
 from hetero.ops import ACTIVATIONS, MoeForm, moe_arguments
-from hetero.passes.analyze_cost import is_zero_copy, param_sources
+from hetero.passes.recognize.params import is_zero_copy, param_sources
 
 _DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 

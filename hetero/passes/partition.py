@@ -40,7 +40,7 @@ from hetero.compiler.config import Role, Target
 from hetero.compiler.meta import PartitionInfo, TransferInfo
 from hetero.compiler.ops import transfer
 from hetero.compiler.pipeline import PassContext, PassResult
-from hetero.passes.engram_recognition import is_lookup_region
+from hetero.passes.recognize.engram import is_lookup_region
 
 
 def partition(gm: fx.GraphModule, ctx: PassContext) -> PassResult:

@@ -33,8 +33,8 @@ from hetero.compiler.errors import PlacementError
 from hetero.compiler.meta import BudgetReport
 from hetero.compiler.pipeline import PassContext, PassResult
 from hetero.compiler.units import format_bytes
-from hetero.passes.analyze_cost import is_zero_copy, param_sources
-from hetero.passes.engram_recognition import is_lookup_region
+from hetero.passes.recognize.engram import is_lookup_region
+from hetero.passes.recognize.params import is_zero_copy, param_sources
 
 _OTHER: dict[Role, Role] = {"accel": "host", "host": "accel"}
 

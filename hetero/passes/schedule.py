@@ -33,7 +33,7 @@ from hetero.compiler import meta
 from hetero.compiler.ops import transfer
 from hetero.compiler.pipeline import PassContext, PassResult
 from hetero.compiler.schedule_ir import BatchSplit, Schedule, Stream, Task, Value
-from hetero.passes.engram_recognition import is_lookup_region
+from hetero.passes.recognize.engram import is_lookup_region
 from hetero.runtime.simulate import estimator, simulate
 
 

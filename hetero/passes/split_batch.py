@@ -22,7 +22,7 @@ from torch import fx
 from hetero.compiler import meta
 from hetero.compiler.errors import FallbackError
 from hetero.compiler.pipeline import PassContext, PassResult
-from hetero.passes.batch_split import BatchPlan, analyze, split
+from hetero.passes.batching import BatchPlan, analyze, split
 from hetero.runtime.simulate import RATES
 
 _CHOICES = (1, 2, 4, 8)

@@ -39,6 +39,7 @@ import torch
 from hetero.compiler.guards import IndexCheck, check_arguments
 from hetero.compiler.schedule_ir import Schedule, Task
 from hetero.runtime import trace
+from hetero.runtime.cuda import CudaDevice
 from hetero.runtime.device import Device, Event, SimulatedDevice
 from hetero.runtime.device import copy as _move
 
@@ -270,8 +271,6 @@ class Executor:
 def _device_for(schedule: Schedule) -> Device:
     """CUDA when a stream runs on a CUDA device, else the thread simulation."""
     if any(s.device.startswith("cuda") for s in schedule.streams):
-        from hetero.runtime.cuda import CudaDevice  # touches torch.cuda only when a GPU is used
-
         return CudaDevice()
     return SimulatedDevice()
 

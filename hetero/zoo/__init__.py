@@ -17,6 +17,8 @@ from typing import Any
 import torch
 
 from hetero.compiler.errors import TargetError, did_you_mean
+from hetero.zoo.engram import EngramConfig
+from hetero.zoo.engram_lm import EngramCausalLM, engram_cache_class
 
 
 @dataclass
@@ -117,8 +119,6 @@ def _llama() -> Any:
 
 
 def _tiny_engram() -> Any:
-    from hetero.zoo.engram import EngramConfig
-
     # Tables of 16 heads x ~1k rows; hashes over 2- and 3-grams; two mock hyper-connection branches.
     return EngramConfig(
         hidden_size=64,
@@ -159,8 +159,6 @@ def build(name: str, *, dtype: torch.dtype = torch.float32, seed: int = 0, devic
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
         if name in ENGRAM_LAYERS:
-            from hetero.zoo.engram_lm import EngramCausalLM, engram_cache_class
-
             model = EngramCausalLM(model, _tiny_engram(), ENGRAM_LAYERS[name])
             cache_class = engram_cache_class()
     model = model.to(device=device, dtype=dtype).eval()

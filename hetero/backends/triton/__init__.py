@@ -1,6 +1,7 @@
 """Triton kernels for hetero's accelerator ops (hetero.accel_ops), registered as their CUDA and CPU kernels.
 
-`register()` gives each op
+`bind(partition, values)` (the kernel-binding interface of hetero/compiler/binding.py) registers them
+the first time a partition holds one of them. `register()` gives each op
 - on "cuda": the Triton launcher in launch.py, compiled kernels (interpreted if TRITON_INTERPRET=1);
 - on "cpu": the same launcher under the Triton interpreter when TRITON_INTERPRET=1 at call time, and
   the op's ATen reference otherwise. The environment is read per call, not at registration, so a test
@@ -15,15 +16,26 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import fx
 
 from hetero import accel_ops
 from hetero.backends.triton import launch
 from hetero.backends.triton.kernels import interpreting
+from hetero.compiler.binding import Binding
+from hetero.compiler.weights import ParamValues
 
-__all__ = ["interpreting", "register"]
+__all__ = ["OPS", "bind", "interpreting", "register"]
 
 # Each accel op (declared once, in hetero.accel_ops) has a launcher of the same name in launch.py.
 LAUNCHERS: dict[str, Callable[..., Any]] = {name: getattr(launch, name) for name in accel_ops.REFERENCES}
+OPS = tuple(LAUNCHERS)
+
+
+def bind(sub: fx.GraphModule, values: ParamValues) -> Binding:
+    """The accel ops' kernels take no weights of their own: binding registers them, and holds nothing."""
+    register()
+    return Binding()
+
 
 _registered: set[str] = set()
 

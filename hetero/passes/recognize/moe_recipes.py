@@ -6,7 +6,7 @@ expert) and their optional biases out of the expert parameters, as views: one te
 stored as [E, N, K] or transposed [E, K, N] (GPT-OSS, Llama-4). A form (`hetero.ops.MoeForm`) says which
 activation, with which parameters, and where the routing weight goes. Shapes alone are often ambiguous
 (a square [E, H, H] weight, two biases of one width); every reading that fits becomes a candidate, the
-likeliest first (names, consistent orientations), and numerics (moe_recognition) pick the one that
+likeliest first (names, consistent orientations), and numerics (recognize.moe) pick the one that
 reproduces the graph.
 """
 

@@ -28,8 +28,8 @@ from hetero.compiler.meta import Region
 from hetero.compiler.weights import ParamValues
 from hetero.numerics import TOLERANCE, rel_error
 from hetero.ops import ACTIVATIONS, MoeForm, moe_reference
-from hetero.passes.analyze_cost import param_sources
-from hetero.passes.moe_recipes import Recipe, forms, fqn, num_experts, recipe_weights, recipes
+from hetero.passes.recognize.moe_recipes import Recipe, forms, fqn, num_experts, recipe_weights, recipes
+from hetero.passes.recognize.params import param_sources
 
 # How far the candidate may be from the reference: kernels differ in summation order, never in math.
 _VERIFY_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-2}

@@ -17,7 +17,7 @@ from torch import fx
 
 from hetero.compiler import meta
 from hetero.compiler.meta import Region
-from hetero.passes.analyze_cost import param_sources
+from hetero.passes.recognize.params import param_sources
 
 aten = torch.ops.aten
 _HASH_OPS = {
