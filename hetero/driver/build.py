@@ -191,8 +191,7 @@ def compile_partitions(build: Build) -> PassResult:
             build.ctx.diagnostics.fallback(
                 "compile",
                 f"partition {info.id} (@{info.role})",
-                f"{chosen} could not compile it ({type(e).__name__}: {_first_line(e)}); "
-                "running it eagerly",
+                f"{chosen} could not compile it ({type(e).__name__}: {_first_line(e)}); running it eagerly",
                 error=FallbackError,
             )
             chosen = "eager"
