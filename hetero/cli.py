@@ -7,6 +7,7 @@
     hetero viz TARGET --out DIR         graph.svg, timeline.svg and report.html of a compiled model
     hetero diff DIR_A DIR_B             two dump folders compared pass by pass
     hetero bench moe [--json]           one MoE layer: hetero vs eager, Inductor and the floor
+    hetero bench moe --memory           peak/steady memory compiling an 8-layer V2-Lite-width model
     hetero bench engram|mla [--json]    the Engram block; the MLA prologue (GPU)
     hetero bench pipeline [--json]      pipelined stream schedule vs sequential, and its simulation
 
@@ -23,9 +24,11 @@ from typing import Any
 
 from hetero import zoo
 from hetero.bench import engram as bench_engram
+from hetero.bench import memory as bench_memory
 from hetero.bench import mla as bench_mla
 from hetero.bench import moe as bench_moe
 from hetero.bench import pipeline as bench_pipeline
+from hetero.bench import report
 from hetero.commands import diff, passes, viz
 from hetero.commands.architectures import table as architectures_table
 from hetero.compiler.config import HeteroConfig
@@ -151,6 +154,11 @@ def _parser() -> argparse.ArgumentParser:
         "mla: the fused MLA prologue on the GPU; pipeline: the stream schedule against the sequential one",
     )
     bench.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    bench.add_argument(
+        "--memory",
+        action="store_true",
+        help="moe only: peak and steady memory of compiling an 8-layer DeepSeek-V2-Lite-width model",
+    )
     return parser
 
 
@@ -253,6 +261,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "diff":
             return diff.run(args.a, args.b, args.context, args.max_lines or None)
         if args.command == "bench":
+            if args.memory and args.name != "moe":
+                raise ConfigError(
+                    f"--memory is a mode of `hetero bench moe`, not of `hetero bench {args.name}`"
+                )
+            if args.memory:
+                return report(bench_memory.run, bench_memory.table, args.json)
             return BENCHES[args.name](as_json=args.json)
     except (ConfigError, TargetError) as e:  # what the user asked for cannot be had: a usage error
         print(f"hetero: error: {e}", file=sys.stderr)

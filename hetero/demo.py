@@ -27,8 +27,8 @@ def run_demo(
 ) -> int:
     options = {"dump_dir": dump_dir, **(options or {})}
     built = zoo.build(model, dtype=DTYPES[dtype])
-    # The eager reference is a second copy with the same weights: by default the compiled model frees
-    # its copy of weights that host kernels prepacked (release_weights).
+    # The eager reference is a second model with the same weights, so that nothing the compiled model
+    # does can reach the reference.
     reference = zoo.build(model, dtype=DTYPES[dtype])
     compiled = torch.compile(built.model, backend="hetero", options=options)
     (ids,) = built.example_inputs

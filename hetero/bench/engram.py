@@ -100,9 +100,7 @@ def run(repeats: int = 7, config: EngramConfig = CONFIG, progress: Any = print) 
             "eager": block,
             "inductor": torch.compile(block),
             # release_weights=False: eager and Inductor run the same module's weights in the same rounds.
-            "hetero block": torch.compile(
-                block, backend="hetero", options={"engram": "block", "release_weights": False}
-            ),
+            "hetero block": torch.compile(block, backend="hetero", options={"engram": "block"}),
             "hash+gather": lookup,
         }
         outputs = {}

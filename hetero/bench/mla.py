@@ -128,7 +128,7 @@ def _variants(
 ) -> dict[str, Callable[[], Any]]:
     torch._dynamo.reset()
     inductor = torch.compile(model, mode="reduce-overhead" if graphs else None)
-    hetero = torch.compile(model, backend="hetero", options={"accel": "cuda", "release_weights": False})
+    hetero = torch.compile(model, backend="hetero", options={"accel": "cuda"})
     out: dict[str, Callable[[], Any]] = {"eager": lambda: model(*args)}
     with torch.no_grad():
         for _ in range(3):  # compile, and let reduce-overhead record its CUDA graph

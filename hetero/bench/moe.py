@@ -10,7 +10,8 @@ median time of each implementation and the floor
 
 with bandwidth and peak measured in the same run. Compiled variants use torch.compile's default
 (automatic dynamic shapes). Memory: the process's resident and peak bytes around hetero's bf16
-compile, which frees the model's copy of the expert weights once they are prepacked.
+compile, whose kernel reads the layer's expert weights in place (nothing is copied, nothing freed);
+`--memory` measures a whole 8-layer model instead (hetero/bench/memory.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 
 from hetero.backends.onednn import probe
 from hetero.bench import machine, report
+from hetero.bench.memory import fill_random
 from hetero.numerics import rel_error
 
 SIZES = {"hidden": 2048, "inter": 1408, "experts": 64, "top_k": 6, "shared": 2}
@@ -74,10 +76,8 @@ def build_layer(sizes: dict[str, int] = SIZES, seed: int = 0) -> torch.nn.Module
     with torch.device("meta"):
         layer = DeepseekV3MoE(config)
     layer = layer.to(torch.bfloat16).to_empty(device="cpu").eval()
-    g = torch.Generator().manual_seed(seed)
+    fill_random(layer, torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).mul_(0.02).to(p.dtype))
         layer.gate.e_score_correction_bias.zero_()
     return layer.requires_grad_(False)
 
@@ -135,8 +135,8 @@ def run(
     inputs = {t: torch.randn(1, t, sizes["hidden"], generator=g).to(torch.bfloat16) for t in tokens}
     outputs: dict[str, dict[int, torch.Tensor]] = {}
     with torch.no_grad():
-        # First, and on its own copy of the layer: hetero bf16, which frees the layer's copy of the
-        # experts once they are prepacked; the process's memory says whether they are held twice.
+        # First, and on its own copy of the layer: hetero bf16, whose kernel reads the experts in
+        # place; the process's memory says whether anything is held twice.
         progress(
             "building the layer (1.1 GB of bf16 expert weights); compiling hetero bf16, measuring memory..."
         )
@@ -153,9 +153,7 @@ def run(
             "eager": layer,
             "torch._grouped_mm": grouped_mm_layer(layer),
             "inductor": torch.compile(layer),
-            "hetero int8": torch.compile(
-                layer, backend="hetero", options={"host_dtype": "int8", "release_weights": False}
-            ),
+            "hetero int8": torch.compile(layer, backend="hetero", options={"host_dtype": "int8"}),
         }
         for name, fn in variants.items():
             progress(f"compiling / warming {name}...")

@@ -119,7 +119,7 @@ def _run(progress: Any, micro_batches: int, sizes: dict[str, int] | None) -> Res
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, config.vocab_size, (sizes["batch"], sizes["seq"]), generator=g).to(device)
     progress(f"compiling ({accel}, {micro_batches} micro-batch(es))...")
-    options = {"micro_batches": micro_batches, "release_weights": False}
+    options = {"micro_batches": micro_batches}
     compiled = torch.compile(model, backend="hetero", options=options)
     with torch.no_grad():
         got = compiled(ids, use_cache=False).logits

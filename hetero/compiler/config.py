@@ -29,6 +29,7 @@ from hetero.compiler.options import (
     parse_budget,
     parse_bytes,
     parse_choice,
+    parse_deprecated,
     parse_disabled_passes,
     parse_expert_parallel,
     parse_extra_passes,
@@ -174,15 +175,17 @@ class HeteroConfig:
         ),
         shown='`"lookup"`',
     )
-    release_weights: bool = option(
-        True,
-        parse_bool,
-        (
-            "after prepacking a host kernel's weights, free the model's own copy (so they are not held "
-            "twice); the compiled model keeps working, the eager modules cannot run any more. "
-            "`hetero.explain` never frees"
+    release_weights: None = option(
+        None,
+        parse_deprecated(
+            "host kernels read the model's own weights in place where their format is the model's "
+            "(bf16 and fp32 experts and linears), so nothing is held twice and nothing needs freeing; "
+            "formats that need a copy (int8) keep the model's weights too, so the model always runs "
+            "eagerly after compile"
         ),
-        shown="`True`",
+        "deprecated, does nothing (a FutureWarning says what replaced it): host kernels read the "
+        "model's own weights in place, and compiling never changes or frees them",
+        shown="`None`",
     )
     dump_dir: str | None = option(
         None,

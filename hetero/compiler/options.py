@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -99,6 +100,22 @@ def parse_bool(key: str, value: Any, from_env: bool) -> bool:
     ):
         return value.strip().lower() in ("1", "true", "yes", "on")
     raise _bad(key, value, "True or False" + (" (or 1/0 in the environment)" if from_env else ""))
+
+
+def parse_deprecated(replacement: str) -> Parser:
+    """An option that does nothing any more: any value is accepted, with a FutureWarning naming what
+    replaced it; the config holds None."""
+
+    def parse(key: str, value: Any, from_env: bool) -> None:
+        if value is not None and not (from_env and value == ""):
+            warnings.warn(
+                f"hetero: option {key!r} is deprecated and does nothing: {replacement}",
+                FutureWarning,
+                stacklevel=2,
+            )
+        return None
+
+    return parse
 
 
 def parse_bytes(key: str, value: Any, from_env: bool) -> int:

@@ -28,6 +28,5 @@ STAGE_NAMES: tuple[str, ...] = (
     "compile_partitions",
     "report",
     "build_executor",
-    "release_weights",
     "experts_watch",
 )

@@ -9,8 +9,10 @@
      "budget": {...}, "dump": str|None,
      "host_isa": str,                       # what oneDNN dispatches host kernels to, e.g. "avx512_core_amx"
      "host_kernels": [{"region", "kind", "backend", "dtype", "experts" + "form" | "linears",
-                       "packed_bytes"}],     # form: the activation and routing, e.g. "swiglu_oss(...)"
-     "released_weight_bytes": int,          # the model's copies of prepacked weights, freed
+                       "in_place_bytes",     # the model's own weights, read in place
+                       "packed_bytes",       # copies the kernel holds (the model keeps its own too)
+                       "built"}],            # False: an earlier compile built it (reused, nothing packed)
+                                            # form: the activation and routing, e.g. "swiglu_oss(...)"
      "runtime_fallbacks": {task: int},      # accel tasks that raised and now run on the host, and
                                             # "<other weights>": calls that ran the captured graph
      "schedule": {"mode", "micro_batches", "streams", "predicted_us": {"sequential", "pipelined"}},
@@ -51,7 +53,6 @@ class Report:
     budget: dict[str, Any] | None = None
     host_isa: str = "unknown"  # what oneDNN dispatches host kernels to (e.g. avx512_core_amx)
     host_kernels: list[dict[str, Any]] = field(default_factory=list)
-    released_weight_bytes: int = 0  # the model's copies of weights now held by host kernels, freed
     runtime_fallbacks: dict[str, int] = field(default_factory=dict)  # accel task -> faults re-run on host
     schedule: dict[str, Any] = field(default_factory=dict)  # streams, micro-batches, predicted times
     bisect_steps: list[dict[str, Any]] = field(default_factory=list)  # optional steps, numbered
@@ -83,7 +84,6 @@ class Report:
             merged.regions += [{**p, **tag} for p in r.regions]
             merged.transfers += [{**p, **tag} for p in r.transfers]
             merged.host_kernels += [{**k, **tag} for k in r.host_kernels]
-            merged.released_weight_bytes += r.released_weight_bytes
             said = {(f["node"], f["op"], f["reason"]) for f in merged.fallbacks}  # one entry per fallback
             merged.fallbacks += [
                 {**p, **tag} for p in r.fallbacks if (p["node"], p["op"], p["reason"]) not in said
@@ -160,14 +160,11 @@ class Report:
                 if "experts" in k
                 else f"{k['linears']} linears fused"
             )
-            lines.append(
-                f"  {k['region']}: {k['backend']} {k['kind']} {k['dtype']}, {count}, "
-                f"{format_bytes(k['packed_bytes'])} prepacked"
-            )
-        if self.released_weight_bytes:
-            lines.append(
-                f"  model weights freed after prepacking: {format_bytes(self.released_weight_bytes)}"
-            )
+            held = f"{format_bytes(k['in_place_bytes'])} read in place"
+            if k["packed_bytes"]:
+                held += f", {format_bytes(k['packed_bytes'])} prepacked (the model keeps its own copy too)"
+            reused = "" if k["built"] else ", reused from an earlier compile"
+            lines.append(f"  {k['region']}: {k['backend']} {k['kind']} {k['dtype']}, {count}, {held}{reused}")
         lines.append("\nfallbacks:" + ("" if self.fallbacks else " none"))
         lines += [f"  {f['node']} ({f['op']}, {f['module']}): {f['reason']}" for f in self.fallbacks]
         return lines

@@ -2,8 +2,8 @@
 
 Passes see only fake tensors in the graph. The few decisions that need real weights (verifying a
 recognised MoE form, prepacking host kernels) get them here, keyed by the graph's placeholder
-names. Results are memoised per parameter *object*, so the prefill and decode graphs of one model
-verify and prepack once, and keep working after hetero has released the original storage.
+names. Results are memoised per parameter *object*, so the prefill and decode graphs of one model,
+a later compile and `hetero.explain` verify and build each host kernel once.
 """
 
 from __future__ import annotations
@@ -61,17 +61,7 @@ class ParamValues:
         """The real tensor of placeholder `name`; an error if it is unknown or was released."""
         if name not in self._tensors:
             raise HeteroError(f"no real value for parameter input %{name}")
-        tensor = self._tensors[name]
-        if is_released(tensor):
-            raise HeteroError(
-                f"parameter %{name} was released by an earlier hetero compile (release_weights=True) and "
-                "this compile needs its values; compile with options={'release_weights': False}"
-            )
-        return tensor
-
-    def tensor(self, name: str) -> torch.Tensor | None:
-        """The tensor object (released or not), for identity."""
-        return self._tensors.get(name)
+        return self._tensors[name]
 
     def memo(self, key: tuple[Any, ...], names: Sequence[str], compute: Callable[[], T]) -> T:
         """compute() once per (key, parameter objects); later compiles of the same model reuse it."""
@@ -83,28 +73,3 @@ class ParamValues:
         if full not in table:
             table[full] = compute()
         return table[full]
-
-
-def is_released(tensor: torch.Tensor) -> bool:
-    return tensor.numel() > 0 and tensor.untyped_storage().nbytes() == 0
-
-
-def release(tensors: Sequence[torch.Tensor]) -> int:
-    """Free the storage of parameters whose values now live in a host kernel. Returns bytes freed.
-
-    Their shapes stay (Dynamo's guards keep passing); reading their data raises an error.
-    """
-    freed = 0
-    for t in tensors:
-        if not is_released(t):
-            freed += t.untyped_storage().nbytes()
-            t.untyped_storage().resize_(0)
-    return freed
-
-
-def owns_storage(tensor: torch.Tensor) -> bool:
-    """True when freeing the tensor's storage frees nothing else (it is the whole storage)."""
-    return (
-        tensor.storage_offset() == 0
-        and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
-    )

@@ -1,7 +1,7 @@
 """One inference graph, from AOTAutograd to the Executor that runs it:
 
     passes (run_pipeline) ─► bind ─► compile_partitions ─► report ─► build_executor
-        ─► release_weights ─► experts_watch ─► publish
+        ─► experts_watch ─► publish
 
 The steps after the passes are the driver's stages (`STAGES`), run by the pipeline's `run_stages`:
 timed in the report (`hetero passes --pass-timing`), dumped after the passes' files when they change
@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import functools
 import importlib
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,8 +43,7 @@ from hetero.compiler.pipeline import (
     run_stages,
 )
 from hetero.compiler.report import Report, publish
-from hetero.compiler.units import format_bytes
-from hetero.compiler.weights import ParamValues, owns_storage, release
+from hetero.compiler.weights import ParamValues
 from hetero.driver import publish as out
 from hetero.driver.capture import annotate_params
 from hetero.driver.split_experts import ExpertsWatch, calling_model, compiled_frame_module, lowered_experts
@@ -264,58 +262,6 @@ def _host_copy(gm: fx.GraphModule, device: torch.device, name: str) -> Callable[
     return sub
 
 
-def release_weights(build: Build) -> PassResult:
-    """with release_weights, free the model's copies of weights that now live only in host kernels
-
-    A weight stays when the graph still reads it elsewhere, or when its storage holds other tensors
-    too. A graph of a submodule's method (compiled on its own after a graph break) runs between eager
-    code that may read the same weights: its weights are kept.
-    """
-    assert build.report is not None
-    whole = compiled_frame_module() in (None, calling_model())
-    freed = 0
-    if build.ctx.config.release_weights and whole:
-        freed = _release(build.gm, build.values, build.binding.weights, build.weights.values())
-    build.report.released_weight_bytes = freed
-    return PassResult(build.gm, False, {"released_bytes": freed})
-
-
-def _release(gm: fx.GraphModule, values: ParamValues, names: Sequence[str], params: Any) -> int:
-    read = {n.name for n in gm.graph.nodes if n.op == "placeholder" and n.users}
-    storages: dict[int, int] = {}
-    for t in params:
-        if t.untyped_storage().nbytes():
-            ptr = t.untyped_storage().data_ptr()
-            storages[ptr] = storages.get(ptr, 0) + 1
-    freed = 0
-    for name in dict.fromkeys(names):
-        tensor = values.tensor(name)
-        if tensor is None or name in read or not owns_storage(tensor):
-            continue
-        if storages.get(tensor.untyped_storage().data_ptr(), 0) > 1:
-            continue
-        freed += release([tensor])
-    if freed:
-        _warn_released_once(freed)
-    return freed
-
-
-_RELEASE_WARNED = False
-
-
-def _warn_released_once(freed: int) -> None:
-    global _RELEASE_WARNED
-    if not _RELEASE_WARNED:
-        _RELEASE_WARNED = True
-        warnings.warn(
-            f"hetero: freed the model's copy of {format_bytes(freed)} of weights now prepacked in host "
-            "kernels; "
-            "the compiled model keeps working, but calling the original modules eagerly fails. "
-            "options={'release_weights': False} keeps both copies.",
-            stacklevel=6,
-        )
-
-
 # Models whose experts a graph break kept from host kernels, warned about once each (held weakly).
 _EXPERTS_WATCH = ExpertsWatch()
 
@@ -340,7 +286,6 @@ STAGES: tuple[Stage[Build], ...] = (  # named in compiler/pass_names.py STAGE_NA
     Stage("compile_partitions", compile_partitions),
     Stage("report", report),
     Stage("build_executor", build_executor),
-    Stage("release_weights", release_weights),
     Stage("experts_watch", experts_watch),
 )
 

@@ -30,7 +30,6 @@ def compile_and_run(
     model: torch.nn.Module, *example_inputs: Any, calls: int = 1, **options: Any
 ) -> tuple[Report, Any]:
     """explain(), also returning the compiled model's output of its last call (`calls` calls in all)."""
-    options = {"release_weights": False, **options}
     HeteroConfig.build(options)  # bad options fail here, before any compile work
     from torch._dynamo.utils import counters
 

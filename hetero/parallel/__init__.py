@@ -116,9 +116,12 @@ def bind(sub: fx.GraphModule, values: ParamValues) -> Binding:
         kernel = node.meta[meta.LOWERING]
         name = meta.region(node).module if meta.region(node) is not None else node.name
 
-        def build(kernel: Any = kernel, name: str = name) -> ExpertParallelMoe:
+        built: list[bool] = []  # whether this compile built the layer (else an earlier one did)
+
+        def build(kernel: Any = kernel, name: str = name, built: list[bool] = built) -> ExpertParallelMoe:
+            built.append(True)
             gate, up, down = kernel.recipe(*[values.get(n) for n in kernel.params])
-            sources = [values.tensor(n) for n in kernel.params]
+            sources = [values.get(n) for n in kernel.params]
             return ExpertParallelMoe(name, gate, up, down, kernel.dtype, kernel.parallel, sources)
 
         layer = values.memo(("ep_moe", name, kernel.dtype, kernel.parallel), kernel.params, build)
@@ -133,7 +136,10 @@ def bind(sub: fx.GraphModule, values: ParamValues) -> Binding:
                 "backend": f"onednn (expert-parallel over {layer.groups.size} ranks, {len(local)} here)",
                 "dtype": kernel.dtype,
                 "experts": layer.experts,
+                # this rank's experts: a copy (the source when a new placement moves them), packed
                 "packed_bytes": layer.kernel.nbytes if layer.kernel is not None else 0,
+                "in_place_bytes": 0,
+                "built": bool(built),
                 "expert_parallel": {
                     "ranks": layer.groups.size,
                     "rank": layer.groups.rank,

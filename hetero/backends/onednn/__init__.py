@@ -2,10 +2,13 @@
 
     bind(partition, values, release) -> Binding
 
-For each `hetero.host_moe` node lower_host left in a host partition: run its weight recipe on the
-real weights, prepack (once per weight objects and dtype, shared by every graph of the model),
-register the packed experts and write their handle into the node. The Binding keeps the packed
-weights alive for as long as the compiled graph lives, and says which original weights may be freed.
+For each `hetero.host_moe` / `hetero.host_linear` node lower_host left in a host partition: run its
+weight recipe on the real weights and build the kernel (once per weight objects, format and recipe:
+every graph of the model, a later compile and `hetero.explain` reuse it), register it and write its
+handle into the node. MoE kernels read the model's weights in place where the format allows and
+prepack the rest (backends/onednn/moe.py); the model's own tensors are never changed or freed. Each
+report row says whether this compile built the kernel or reused it, and the bytes it reads in place
+and holds as copies.
 """
 
 from __future__ import annotations
@@ -43,8 +46,10 @@ def bind(sub: fx.GraphModule, values: ParamValues) -> Binding:
         if node.target not in (torch.ops.hetero.host_moe.default, torch.ops.hetero.host_linear.default):
             continue
         kernel = node.meta[meta.LOWERING]
+        built: list[bool] = []  # whether this compile built the kernel (else an earlier one did)
 
-        def build(kernel: object = kernel) -> PackedMoe | PackedLinear:
+        def build(kernel: object = kernel, built: list[bool] = built) -> PackedMoe | PackedLinear:
+            built.append(True)
             weights = kernel.recipe(*[values.get(n) for n in kernel.params])
             if kernel.kind != "moe":
                 return PackedLinear(*weights, kernel.dtype)
@@ -69,6 +74,8 @@ def bind(sub: fx.GraphModule, values: ParamValues) -> Binding:
                 "dtype": kernel.dtype,
                 **count,
                 "packed_bytes": packed.nbytes,
+                "in_place_bytes": getattr(packed, "in_place_bytes", 0),
+                "built": bool(built),
             }
         )
     if binding.packed:

@@ -1,11 +1,17 @@
 """MoE experts on the host through PyTorch's bundled oneDNN.
 
-Weights are prepacked once into oneDNN's blocked layout, gate and up fused into one [2I, H]
-matrix per expert. A call groups the token-expert pairs by expert and runs, per expert with
-tokens, one gate_up GEMM and one down GEMM; SiLU·up, the routing weights and the scatter back to
-tokens run once over all pairs. Every GEMM uses all of oneDNN's threads. Biases are added by the GEMMs
-(gate and up biases fused like their weights); the activation is any of `hetero.ops.ACTIVATIONS`;
-with weights on the input (Llama-4) the routing weight scales each pair's row before the first GEMM.
+Weights are held once. Where the kernel's format is the model's (bf16 or fp32 experts whose gate
+and up rows are adjacent in memory, as in transformers' fused `gate_up_proj`), the kernel reads the
+model's own tensors in place: gate and up as one [2I, H] view, down as it is. Elsewhere (int8,
+GPT-OSS's interleaved gate/up, separate gate and up tensors) each expert is prepacked, one at a
+time, into oneDNN's blocked layout, gate and up fused into one [2I, H] matrix; the model keeps its
+own copy, so it still runs eagerly (the report counts those bytes as `packed_bytes`).
+
+A call groups the token-expert pairs by expert and runs, per expert with tokens, one gate_up GEMM
+and one down GEMM; SiLU·up, the routing weights and the scatter back to tokens run once over all
+pairs. Every GEMM uses all of oneDNN's threads. Biases are added by the GEMMs (gate and up biases
+fused like their weights); the activation is any of `hetero.ops.ACTIVATIONS`; with weights on the
+input (Llama-4) the routing weight scales each pair's row before the first GEMM.
 
 int8: weights are quantised per output channel (symmetric, int8); activations per call and per
 tensor (asymmetric, uint8); oneDNN's u8s8 matmul dequantises into the output dtype.
@@ -58,7 +64,8 @@ class PackedMoe:
         bias_dtype = torch.float32 if dtype == "int8" else self.compute
         self.gate_up_bias: list[torch.Tensor] | None = None
         self.down_bias: list[torch.Tensor] | None = None
-        self.nbytes = 0
+        self.nbytes = 0  # bytes of the copies this kernel holds (prepacked weights, fused biases)
+        self.in_place_bytes = 0  # bytes of the model's own weights it reads in place
         with torch.no_grad():
             if gate_bias or up_bias:
                 zeros = torch.zeros(self.inter, dtype=bias_dtype)
@@ -71,18 +78,26 @@ class PackedMoe:
                     )
                     for e in range(self.experts)
                 ]
-            if down_bias:
-                # A copy: the model's own bias may be freed once packed (release_weights).
+            if down_bias:  # the model's own bias where its dtype is the GEMM's
                 self.down_bias = [
-                    expert_bias(down_bias, e).to("cpu", bias_dtype, copy=True) for e in range(self.experts)
+                    expert_bias(down_bias, e).to("cpu", bias_dtype) for e in range(self.experts)
                 ]
-            for biases in (self.gate_up_bias, self.down_bias):
-                self.nbytes += sum(b.numel() * b.element_size() for b in biases or ())
+            held = [
+                *(self.gate_up_bias or ()),
+                *(b for b in self.down_bias or () if not _is_own(b, down_bias)),
+            ]
+            self.nbytes += sum(b.numel() * b.element_size() for b in held)
             for e in range(self.experts):
-                # One expert at a time, on the host: peak memory is one expert's plain copy.
-                fused = torch.cat([expert_weight(gate, e), expert_weight(up, e)]).to("cpu", self.compute)
-                self._pack(fused, self.gate_up, self.gate_up_scale)
-                self._pack(expert_weight(down, e).to("cpu", self.compute), self.down, self.down_scale)
+                g, u, d = expert_weight(gate, e), expert_weight(up, e), expert_weight(down, e)
+                fused = self._in_place(g, u)
+                if fused is None:  # one expert at a time: peak memory is one expert's plain copy
+                    self._pack(torch.cat([g, u]).to("cpu", self.compute), self.gate_up, self.gate_up_scale)
+                else:
+                    self.gate_up.append(fused)
+                if self._in_place(d) is None:
+                    self._pack(d.to("cpu", self.compute), self.down, self.down_scale)
+                else:
+                    self.down.append(d)
 
     def _pack(self, weight: torch.Tensor, packed: list[torch.Tensor], scales: list[torch.Tensor]) -> None:
         if self.dtype == "int8":
@@ -94,6 +109,27 @@ class PackedMoe:
         else:
             packed.append(torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _ROWS_HINT))
             self.nbytes += weight.numel() * weight.element_size()
+
+    def _in_place(self, *rows: torch.Tensor) -> torch.Tensor | None:
+        """The model's rows as one row-major [N, K] tensor without copying, when the kernel's format is
+        theirs and they lie one after another in one storage; None when they must be packed."""
+        first = rows[0]
+        if self.dtype == "int8" or any(
+            r.dtype != self.compute or r.device.type != "cpu" or not r.is_contiguous() for r in rows
+        ):
+            return None
+        offset = first.storage_offset()
+        for r in rows:
+            if (
+                r.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or r.storage_offset() != offset
+            ):
+                return None
+            offset += r.numel()
+        n = sum(r.shape[0] for r in rows)
+        view = first if len(rows) == 1 else torch.as_strided(first, (n, first.shape[1]), (first.shape[1], 1))
+        self.in_place_bytes += view.numel() * view.element_size()
+        return view
 
     def __call__(
         self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
@@ -154,11 +190,19 @@ class PackedMoe:
                         "",
                     )
                 )
-            else:
+            elif weights[e].is_mkldnn:  # prepacked
                 bias = biases[e] if biases else None
                 parts.append(torch.ops.mkldnn._linear_pointwise(rows, weights[e], bias, "none", [], ""))
+            else:  # the model's own row-major weight, read in place
+                parts.append(torch.nn.functional.linear(rows, weights[e], biases[e] if biases else None))
             start += n
         return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _is_own(bias: torch.Tensor, model_biases: Sequence[torch.Tensor] | None) -> bool:
+    """Whether `bias` is (a view of) one of the model's bias tensors rather than a copy."""
+    ptrs = {b.untyped_storage().data_ptr() for b in model_biases or ()}
+    return bias.untyped_storage().data_ptr() in ptrs
 
 
 def _quantize_u8(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
@@ -179,13 +223,26 @@ def _host_moe(
 
 
 class PackedLinear:
-    """Linears sharing an input, prepacked as one [sum N, K] oneDNN weight (and one bias)."""
+    """Linears sharing an input: the model's own weights read in place when they are already in the
+    kernel's dtype (one GEMM each, outputs side by side), else prepacked as one [sum N, K] oneDNN
+    weight (and one bias)."""
 
     def __init__(
         self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None], dtype: str
     ) -> None:
         compute = _COMPUTE[dtype]
+        self.dtype = dtype
+        self.compute = compute
+        self.in_place: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
+        self.in_place_bytes = 0
+        self.nbytes = 0
         with torch.no_grad():
+            if all(w.dtype == compute and w.device.type == "cpu" for w in weights) and all(
+                b is None or (b.dtype == compute and b.device.type == "cpu") for b in biases
+            ):
+                self.in_place = list(zip(weights, biases, strict=True))
+                self.in_place_bytes = sum(w.numel() * w.element_size() for w in weights)
+                return
             weight = torch.cat([w.to("cpu", compute) for w in weights])
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _ROWS_HINT)
             if all(b is None for b in biases):
@@ -197,11 +254,13 @@ class PackedLinear:
                         for w, b in zip(weights, biases, strict=True)
                     ]
                 )
-        self.dtype = dtype
-        self.compute = compute
         self.nbytes = weight.numel() * weight.element_size()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_place is not None:
+            rows = x.to(self.compute)
+            ys = [torch.nn.functional.linear(rows, w, b) for w, b in self.in_place]
+            return (torch.cat(ys, dim=-1) if len(ys) > 1 else ys[0]).to(x.dtype)
         y = torch.ops.mkldnn._linear_pointwise(x.to(self.compute), self.packed, self.bias, "none", [], "")
         return y.to(x.dtype)
 

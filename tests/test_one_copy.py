@@ -1,0 +1,140 @@
+"""One copy of every weight, and the user's model keeps working after compile.
+
+Host kernels read the model's own weights in place wherever their format is the model's (bf16 or fp32
+experts whose gate and up rows sit next to each other); the model is never changed by compiling it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import warnings
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+import hetero
+from hetero import zoo
+from hetero.numerics import TOLERANCE, rel_error
+
+NAME = "deepseek-v3-tiny"
+
+
+@pytest.fixture(scope="module")
+def compiled_model() -> Iterator[tuple[zoo.ZooModel, torch.nn.Module, torch.nn.Module]]:
+    """(zoo model, its compiled form, an untouched deep copy made before compiling); compiled and run once."""
+    built = zoo.build(NAME, dtype=torch.bfloat16, seed=5)
+    reference = copy.deepcopy(built.model)
+    torch._dynamo.reset()
+    compiled = torch.compile(built.model, backend="hetero")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled(*built.make_inputs(seed=1))
+    yield built, compiled, reference
+    torch._dynamo.reset()
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model(ids).logits
+
+
+def test_the_original_module_and_its_submodules_still_run_eagerly(compiled_model) -> None:
+    built, _, reference = compiled_model
+    (ids,) = built.make_inputs(seed=11)
+    assert torch.equal(_logits(built.model, ids), _logits(reference, ids))
+    hidden = torch.randn(2, 5, built.config.hidden_size, dtype=torch.bfloat16)
+    with torch.no_grad():
+        mine, theirs = built.model.model.layers[1].mlp(hidden), reference.model.layers[1].mlp(hidden)
+    assert torch.equal(mine, theirs)
+
+
+def test_state_dict_round_trips_into_a_fresh_model(compiled_model) -> None:
+    built, _, reference = compiled_model
+    fresh = zoo.build(NAME, dtype=torch.bfloat16, seed=99).model
+    fresh.load_state_dict(built.model.state_dict())
+    (ids,) = built.make_inputs(seed=12)
+    assert torch.equal(_logits(fresh, ids), _logits(reference, ids))
+
+
+def test_a_graph_break_inside_the_model_runs_its_eager_part_on_the_same_weights(compiled_model) -> None:
+    built, _, reference = compiled_model
+    layer = built.model.model.layers[1]
+
+    def breaks(module: torch.nn.Module, args: tuple) -> None:
+        torch._dynamo.graph_break()
+
+    handle = layer.register_forward_pre_hook(breaks)
+    try:
+        torch._dynamo.reset()
+        compiled = torch.compile(built.model, backend="hetero")
+        (ids,) = built.make_inputs(seed=13)
+        got = _logits(compiled, ids)
+    finally:
+        handle.remove()
+        torch._dynamo.reset()
+    assert rel_error(got, _logits(reference, ids)) <= TOLERANCE[torch.bfloat16]
+    assert torch.equal(_logits(built.model, ids), _logits(reference, ids))  # and eager, after it
+
+
+def test_a_recompile_past_the_cache_size_limit_falls_back_to_eager_on_the_same_weights(
+    compiled_model,
+) -> None:
+    """Past torch._dynamo.config.cache_size_limit Dynamo runs the frame eagerly: with the model's own
+    weights, which hetero never took away."""
+    built, _, reference = compiled_model
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(cache_size_limit=1, automatic_dynamic_shapes=False):
+        compiled = torch.compile(built.model, backend="hetero")
+        for seq in (4, 6, 9):  # static shapes: each length is a recompile, past the first an eager run
+            (ids,) = built.make_inputs(seq=seq, seed=seq)
+            assert rel_error(_logits(compiled, ids), _logits(reference, ids)) <= TOLERANCE[torch.bfloat16]
+    torch._dynamo.reset()
+
+
+def test_a_second_compile_and_explain_after_compile_pack_nothing(compiled_model) -> None:
+    built, _, _ = compiled_model
+    (ids,) = built.make_inputs(seed=14)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = hetero.explain(built.model, ids)
+    assert report.host_kernels, "the experts should be lowered to host kernels"
+    assert all(k["built"] is False for k in report.host_kernels)  # every kernel reused, none built
+    assert sum(k["packed_bytes"] for k in report.host_kernels) == 0  # bf16 experts are read in place
+    assert all(k["in_place_bytes"] > 0 for k in report.host_kernels)
+
+
+_RSS_SCRIPT = r"""
+import gc, json, resource, warnings, torch
+from hetero.bench.moe import build_layer
+from hetero.bench import machine
+torch.set_num_threads(2)
+warnings.simplefilter("ignore")
+layer = build_layer()
+model_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
+gc.collect()
+with torch.no_grad():
+    compiled = torch.compile(layer, backend="hetero")
+    for tokens in (1, 16):
+        compiled(torch.randn(1, tokens, 2048, dtype=torch.bfloat16))
+gc.collect()
+steady, peak = machine.rss_bytes()
+print(json.dumps({"model_bytes": model_bytes, "steady": steady, "peak": peak}))
+"""
+
+
+@pytest.mark.slow
+def test_compiling_a_gib_of_experts_holds_them_once() -> None:
+    """Peak and steady RSS of a process that builds a DeepSeek-V2-Lite-sized MoE layer (1.1 GB of bf16
+    experts) and compiles it: within 1.1x (peak) and 1.05x (steady) of the layer's bytes, plus 1 GiB for
+    Python, torch and the compilers."""
+    done = subprocess.run([sys.executable, "-c", _RSS_SCRIPT], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["model_bytes"] >= 2**30
+    assert got["peak"] <= 1.1 * got["model_bytes"] + 2**30, got
+    assert got["steady"] <= 1.05 * got["model_bytes"] + 2**30, got
