@@ -194,9 +194,22 @@ class PackedMoe:
                 bias = biases[e] if biases else None
                 parts.append(torch.ops.mkldnn._linear_pointwise(rows, weights[e], bias, "none", [], ""))
             else:  # the model's own row-major weight, read in place
-                parts.append(torch.nn.functional.linear(rows, weights[e], biases[e] if biases else None))
+                parts.append(_plain_linear(rows, weights[e], biases[e] if biases else None))
             start += n
         return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _plain_linear(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """rows @ weight.T for a plain row-major [N, K] weight, in the form oneDNN/ATen read fastest as it
+    lies. Measured on an AMX Xeon against the same weights prepacked in oneDNN's blocked layout: one
+    row as `torch.mv` (1.6x faster than prepacked; `F.linear` was about even), 2 or more rows as
+    (weight @ rows.T).T, the weight as the left operand (1.17-1.31x faster at 2-16 rows, where
+    `F.linear` was 0.82-0.88x)."""
+    if rows.shape[0] == 1:
+        y = torch.mv(weight, rows[0]).unsqueeze(0)
+    else:
+        y = torch.mm(weight, rows.t()).t()
+    return y + bias if bias is not None else y
 
 
 def _is_own(bias: torch.Tensor, model_biases: Sequence[torch.Tensor] | None) -> bool:
