@@ -66,8 +66,12 @@ def _numerics_worker(rank: int, ranks: int, port: int, out: str, hierarchical: i
         layers = hetero.parallel.layers(compiled)
         local = {k: layer.placement.experts_of(rank) for k, layer in layers.items()}
         figures = hetero.parallel.rebalance(compiled)
+        # Re-placed, the prefill's graph again (a fresh cache: nothing recompiles, the new placement runs).
         with torch.no_grad():
-            after = rel_error(compiled(*ids).logits, eager.model(*ids).logits)
+            after = rel_error(
+                compiled(ids[0], past_key_values=zm.new_cache(), use_cache=True).logits,
+                eager.model(ids[0], past_key_values=eager.new_cache(), use_cache=True).logits,
+            )
         result[name] = {
             "errors": [*errors, after],
             "local": local,

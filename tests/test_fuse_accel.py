@@ -21,6 +21,7 @@ from hetero.driver.capture import capture_graph
 from hetero.numerics import TOLERANCE, compare_generation, rel_error
 from tests import mla_models
 from tests.passes_util import run_passes
+from tests.shared_compiles import Compiled, SharedCompile
 
 BEFORE = ("canonicalize", "analyze_cost", "place", "partition")
 
@@ -152,10 +153,41 @@ def _generate(name: str, dtype: torch.dtype, steps: int = 2, **options: object) 
     return errors, reports
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_deepseek_v3_tiny_has_one_fused_prologue_per_layer(dtype: torch.dtype) -> None:
-    errors, reports = _generate("deepseek-v3-tiny", dtype)
+def _generate_on(shared: Compiled, steps: int) -> tuple[list[float], list]:
+    """_generate on a shared compile: its warm-up's reports, with those of any graph `steps` adds."""
+    built = shared.built
+    with collect_reports() as more:
+        errors = compare_generation(
+            shared.compiled, shared.reference, built.make_inputs(seed=7)[0], built.new_cache, steps=steps
+        )
+    return errors, [*shared.reports, *more]
+
+
+def test_triton_kernels_run_the_model_under_the_interpreter(
+    monkeypatch: pytest.MonkeyPatch, deepseek_on_cpu: SharedCompile
+) -> None:
+    from hetero.backends.triton.kernels import launch_counts
+
+    shared = deepseek_on_cpu.get()  # the interpreter is chosen at each call, not at compile time
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    before = sum(launch_counts.values())
+    errors, reports = _generate_on(shared, steps=1)
+    assert max(errors) <= TOLERANCE[torch.float32], errors
+    layers = shared.built.config.num_hidden_layers
+    # Per call at least the three prologue kernels of every layer ran as Triton, not as references.
+    assert sum(launch_counts.values()) - before >= 2 * 3 * layers
+    assert all(_fuse_stats(r)["kernels.mla_rope_k"] == layers for r in reports)
+
+
+# fp32 adds one graph (the second decode step's) to the interpreter test's shared compile just above.
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.slow)])
+def test_deepseek_v3_tiny_has_one_fused_prologue_per_layer(
+    dtype: torch.dtype, deepseek_on_cpu: SharedCompile
+) -> None:
+    if dtype == torch.float32:  # the shared compile's prefill and decode graphs, and the second decode's
+        errors, reports = _generate_on(deepseek_on_cpu.get(), steps=2)
+    else:
+        errors, reports = _generate("deepseek-v3-tiny", dtype)
     assert max(errors) <= TOLERANCE[dtype], errors
     assert len(reports) >= 2  # prefill and decode graphs
     layers = zoo.build("deepseek-v3-tiny").config.num_hidden_layers
@@ -167,19 +199,6 @@ def test_deepseek_v3_tiny_has_one_fused_prologue_per_layer(dtype: torch.dtype) -
         assert stats["kernels.mla_norms"] == stats["kernels.mla_rope_q"] == layers
         assert stats["fused.kv_cache_writes"] == layers  # the latent cache's append is in mla_rope_k
         assert stats["unfused.mla_preprocess"] == 0 and not report.fallbacks
-
-
-def test_triton_kernels_run_the_model_under_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
-    from hetero.backends.triton.kernels import launch_counts
-
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    before = sum(launch_counts.values())
-    errors, reports = _generate("deepseek-v3-tiny", torch.float32, steps=1)
-    assert max(errors) <= TOLERANCE[torch.float32], errors
-    layers = zoo.build("deepseek-v3-tiny").config.num_hidden_layers
-    # Per call at least the three prologue kernels of every layer ran as Triton, not as references.
-    assert sum(launch_counts.values()) - before >= 2 * 3 * layers
-    assert all(_fuse_stats(r)["kernels.mla_rope_k"] == layers for r in reports)
 
 
 def _override(monkeypatch: pytest.MonkeyPatch, **changes: object) -> str:

@@ -28,6 +28,7 @@ from hetero.runtime.executor import Executor
 from hetero.runtime.simulate import simulate_tasks
 from tests.models import tiny_moe
 from tests.passes_util import make_ctx
+from tests.shared_compiles import SharedCompile
 from tests.test_partition_properties import random_dags
 
 EAGER = {"partition_compiler": "eager"}
@@ -103,21 +104,13 @@ def _streams():
     return tuple(Stream(n, "accel", "cpu", "compute") for n in ("accel", "host", "copy", "prefetch"))
 
 
-@pytest.fixture(scope="module")
-def deepseek_compiled():
-    built = zoo.build("deepseek-v3-tiny")
-    reference = zoo.build("deepseek-v3-tiny")
-    compiled = torch.compile(built.model, backend="hetero", options={"accel": "cpu"})
-    return built, compiled, reference.model
-
-
-@pytest.mark.slow
-def test_eight_threads_call_one_compiled_model(deepseek_compiled) -> None:
-    built, compiled, reference = deepseek_compiled
-    inputs = [built.make_inputs(batch=2, seq=6, seed=300 + i)[0] for i in range(8)]
+def test_eight_threads_call_one_compiled_model(deepseek_on_cpu_no_cache: SharedCompile) -> None:
+    shared = deepseek_on_cpu_no_cache.get()  # compiled for [2, 8] before the threads start
+    built, compiled, reference = shared.built, shared.compiled, shared.reference
+    inputs = [built.make_inputs(batch=2, seq=8, seed=300 + i)[0] for i in range(8)]
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        compiled(inputs[0], use_cache=False)  # compile once before the threads start
+        compiled(inputs[0], use_cache=False)
         want = [reference(ids, use_cache=False).logits for ids in inputs]
     got: list[torch.Tensor | None] = [None] * 8
     errors: list[BaseException] = []
@@ -142,10 +135,47 @@ def test_eight_threads_call_one_compiled_model(deepseek_compiled) -> None:
         assert rel_error(g, w) <= TOLERANCE[torch.float32]
 
 
+def test_timeline_has_one_track_per_stream_and_shared_experts_overlap(
+    deepseek_on_cpu_no_cache: SharedCompile,
+) -> None:
+    """deepseek-v3-tiny: each MoE layer's shared experts (accel) run while the host runs its routed
+    experts; the dump's timeline shows both, on their streams."""
+    shared = deepseek_on_cpu_no_cache.get()  # accel on the CPU, dumps in shared.dump
+    compiled = shared.compiled
+    (ids,) = shared.built.make_inputs(batch=2, seq=8, seed=7)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled(ids, use_cache=False)
+        with trace.record() as spans:
+            compiled(ids, use_cache=False)
+    (folder,) = [p for p in shared.dump.iterdir() if p.is_dir()]
+    plan = Schedule.from_json((folder / "schedule.json").read_text())
+    check_schedule(plan)
+
+    def only_shared(t: Task) -> bool:
+        return any("shared_experts" in r for r in t.regions) and not any(
+            r.startswith(("attention:", "moe:")) for r in t.regions
+        )
+
+    shared = [t for t in plan.tasks if t.role == "accel" and only_shared(t)]
+    routed = [t for t in plan.tasks if t.role == "host" and t.kind == "partition"]
+    assert len(shared) == len(routed) == 2
+    for s, r in zip(shared, routed, strict=True):  # neither waits for the other
+        assert r.id not in s.waits and s.id not in r.waits
+    timeline = json.loads((folder / "timeline.json").read_text())
+    tracks = {e["args"]["name"] for e in timeline["traceEvents"] if e["ph"] == "M"}
+    assert tracks == {"accel", "host"}
+    slices = [e for e in timeline["traceEvents"] if e["ph"] == "X"]
+    assert {e["args"]["partition"] for e in slices if e["cat"] == "partition"} == {
+        t.name for t in plan.tasks if t.kind == "partition"
+    }
+    assert {s.stream for s in spans} == {"accel", "host"}
+
+
 def test_faulting_accel_task_reruns_on_host_and_reset_retries() -> None:
     model, _ = tiny_moe()
     torch._dynamo.reset()
-    options = {**EAGER, "accel": "cpu", "inject_fault": "part_0", "release_weights": False}
+    options = {**EAGER, "accel": "cpu", "inject_fault": "part_0"}
     compiled = torch.compile(model, backend="hetero", options=options)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad(), collect_reports() as reports, warnings.catch_warnings(record=True) as caught:
@@ -189,43 +219,6 @@ def test_a_failing_host_task_raises_to_the_caller_and_the_next_call_works() -> N
     executor._kernels = {**executor._kernels, host.name: original}
     with torch.no_grad():
         assert rel_error(compiled(ids), model(ids)) <= TOLERANCE[torch.float32]
-
-
-def test_timeline_has_one_track_per_stream_and_shared_experts_overlap(tmp_path: Path) -> None:
-    """deepseek-v3-tiny: each MoE layer's shared experts (accel) run while the host runs its routed
-    experts; the dump's timeline shows both, on their streams."""
-    built = zoo.build("deepseek-v3-tiny")
-    torch._dynamo.reset()
-    options = {"accel": "cpu", "dump_dir": str(tmp_path / "d"), "release_weights": False}
-    compiled = torch.compile(built.model, backend="hetero", options=options)
-    (ids,) = built.make_inputs(batch=2, seq=8, seed=7)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        compiled(ids, use_cache=False)
-        with trace.record() as spans:
-            compiled(ids, use_cache=False)
-    (folder,) = [p for p in (tmp_path / "d").iterdir() if p.is_dir()]
-    plan = Schedule.from_json((folder / "schedule.json").read_text())
-    check_schedule(plan)
-
-    def only_shared(t: Task) -> bool:
-        return any("shared_experts" in r for r in t.regions) and not any(
-            r.startswith(("attention:", "moe:")) for r in t.regions
-        )
-
-    shared = [t for t in plan.tasks if t.role == "accel" and only_shared(t)]
-    routed = [t for t in plan.tasks if t.role == "host" and t.kind == "partition"]
-    assert len(shared) == len(routed) == 2
-    for s, r in zip(shared, routed, strict=True):  # neither waits for the other
-        assert r.id not in s.waits and s.id not in r.waits
-    timeline = json.loads((folder / "timeline.json").read_text())
-    tracks = {e["args"]["name"] for e in timeline["traceEvents"] if e["ph"] == "M"}
-    assert tracks == {"accel", "host"}
-    slices = [e for e in timeline["traceEvents"] if e["ph"] == "X"]
-    assert {e["args"]["partition"] for e in slices if e["cat"] == "partition"} == {
-        t.name for t in plan.tasks if t.kind == "partition"
-    }
-    assert {s.stream for s in spans} == {"accel", "host"}
 
 
 def _overlap(slices: list[dict], a: str, b: str) -> bool:

@@ -20,12 +20,19 @@ def deepseek() -> zoo.ZooModel:
     return zoo.build("deepseek-v3-tiny")
 
 
+@pytest.fixture(scope="module")
+def default_report(deepseek: zoo.ZooModel) -> hetero.Report:
+    """explain() with the default placement, for the tests that read it (none changes it)."""
+    torch._dynamo.reset()  # as a test's own explain would run: nothing compiled before it
+    return hetero.explain(deepseek.model, *deepseek.example_inputs, **EAGER)
+
+
 def _regions(report: hetero.Report, kind: str) -> list[dict]:
     return [r for r in report.regions if r["kind"] == kind]
 
 
-def test_default_placement_experts_on_host_attention_on_accel(deepseek: zoo.ZooModel) -> None:
-    report = hetero.explain(deepseek.model, *deepseek.example_inputs, **EAGER)
+def test_default_placement_experts_on_host_attention_on_accel(default_report: hetero.Report) -> None:
+    report = default_report
     moe = _regions(report, "moe")
     # Every MoE layer (layers 1 and 2; layer 0 is dense) has its experts as one host region.
     assert sorted(r["module"] for r in moe) == ["model.layers.1.mlp.experts", "model.layers.2.mlp.experts"]
@@ -62,11 +69,12 @@ def test_user_rule_puts_experts_back_on_accel(deepseek: zoo.ZooModel) -> None:
     assert all(r["placed_by"].startswith("rule 0 'experts'") for r in _regions(report, "moe"))
 
 
-def test_budget_moves_the_largest_regions_to_host_until_it_fits(deepseek: zoo.ZooModel) -> None:
-    full = hetero.explain(deepseek.model, *deepseek.example_inputs, **EAGER).budget["accel_param_bytes"]
+def test_budget_moves_the_largest_regions_to_host_until_it_fits(
+    deepseek: zoo.ZooModel, default_report: hetero.Report
+) -> None:
+    full = default_report.budget["accel_param_bytes"]
     budget = full // 2
-    # release_weights=False: the shared fixture model must keep its weights for the eager reference below.
-    options = {"accel_memory_budget": budget, "release_weights": False, **EAGER}
+    options = {"accel_memory_budget": budget, **EAGER}
     compiled = torch.compile(deepseek.model, backend="hetero", options=options)
     ids = deepseek.make_inputs(seed=7)[0]
     with warnings.catch_warnings(record=True) as caught, hetero.compiler.report.collect_reports() as reports:

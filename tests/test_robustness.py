@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 import hetero
-from hetero import zoo
 from hetero.compiler import meta
 from hetero.compiler.errors import PassError
 from hetero.compiler.pipeline import PassResult, PassSpec
@@ -18,6 +17,7 @@ from hetero.compiler.report import collect_reports
 from hetero.driver.capture import capture_graph
 from hetero.numerics import rel_error
 from tests.passes_util import run_passes
+from tests.shared_compiles import SharedCompile
 
 BEFORE_FUSION = ("canonicalize", "analyze_cost", "place", "partition", "fuse_accel")
 
@@ -129,23 +129,11 @@ def test_a_bad_option_is_a_config_error_through_torch_compile() -> None:
         compiled(torch.randn(2, 4))
 
 
-@pytest.fixture(scope="module")
-def mixtral_on_a_tiny_budget() -> tuple[zoo.ZooModel, object, list[object]]:
-    """mixtral-tiny with a budget so small that the embedding and lm_head live on the host too."""
-    torch._dynamo.reset()
-    built = zoo.build("mixtral-tiny")
-    options = {"accel": "cpu", "accel_memory_budget": "100KiB", "release_weights": False}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with collect_reports() as reports:
-            compiled = torch.compile(built.model, backend="hetero", options=options)
-            with torch.no_grad():
-                compiled(built.make_inputs(batch=2, seq=7, seed=1)[0])
-    return built, compiled, reports
-
-
-def test_a_batch_change_recompiles_with_symbolic_sizes_on_the_host(mixtral_on_a_tiny_budget) -> None:
-    built, compiled, reports = mixtral_on_a_tiny_budget
+def test_a_batch_change_recompiles_with_symbolic_sizes_on_the_host(
+    mixtral_on_a_tiny_budget: SharedCompile,
+) -> None:
+    shared = mixtral_on_a_tiny_budget.get()  # compiling leaves built.model whole: it is eager too
+    built, compiled, reports = shared.built, shared.compiled, list(shared.reports)
     for batch in (3, 4):
         ids = built.make_inputs(batch=batch, seq=7, seed=batch)[0]
         with warnings.catch_warnings(), collect_reports() as more:
@@ -166,13 +154,12 @@ def test_a_batch_change_recompiles_with_symbolic_sizes_on_the_host(mixtral_on_a_
 
 @pytest.mark.parametrize("where", ["accel", "host"])
 def test_token_ids_out_of_range_raise_index_error_and_the_next_call_works(
-    where: str, mixtral_on_a_tiny_budget
+    where: str, mixtral_on_a_tiny_budget: SharedCompile
 ):
-    built, on_host, _ = mixtral_on_a_tiny_budget
+    shared = mixtral_on_a_tiny_budget.get()
+    built, on_host = shared.built, shared.compiled
     if where == "accel":
-        compiled = torch.compile(
-            built.model, backend="hetero", options={"accel": "cpu", "release_weights": False}
-        )
+        compiled = torch.compile(built.model, backend="hetero", options={"accel": "cpu"})
     else:
         compiled = on_host
     ids = built.make_inputs(batch=2, seq=7, seed=5)[0]
