@@ -85,9 +85,8 @@ def compile_inference(
     name: str,
 ) -> Callable[..., Any]:
     """Run the pipeline on an AOTAutograd inference graph and return the Executor for its Schedule."""
-    build = _start(gm, params, weights, config, target, name)
     pipeline = pipeline_for(config)
-    build.pass_names = [p.name for p in pipeline]
+    build = _start(gm, params, weights, config, target, name, [p.name for p in pipeline])
     build.gm, build.records = run_pipeline(build.gm, build.ctx, pipeline, dump=build.dump)
     if config.stop_after is not None:
         return _stopped(build)
@@ -104,6 +103,7 @@ def _start(
     config: HeteroConfig,
     target: Target,
     name: str,
+    pass_names: list[str],
 ) -> Build:
     diagnostics = Diagnostics(config.strict)
     values = ParamValues()
@@ -127,7 +127,7 @@ def _start(
         captured=_copy_graph(gm),  # the passes rewrite gm in place
         checks=index_checks(gm),
         dump=out.open_dump(config, name),
-        pass_names=[],
+        pass_names=pass_names,
     )
 
 
