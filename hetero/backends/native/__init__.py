@@ -1,0 +1,63 @@
+"""hetero's own CPU kernels: weight-only int8 and int4 linears for few rows (decode).
+
+    available() -> bool; why_unavailable() -> str | None
+    pack_int8(w[N, K]) -> Int8Weight;  pack_int4(w[N, K], group_size=32) -> Int4Weight
+    linear_int8(x[..., K] bf16, Int8Weight) -> [..., N] bf16;  linear_int4(x, Int4Weight) likewise
+
+Why they exist: ATen's weight-only kernels do not reach the memory bandwidth at decode on a 2-core
+AVX-512 Xeon (`_weight_int8pack_mm` is slower than bf16 `torch.mv` at one row), and decode is a pass
+over the weights. These follow llama.cpp's Q8_0 / Q4_0 dot products (ideas, no code): the activations
+are quantised per row per block of 32 to int8 inside the kernel, weights and activations meet in
+AVX-512 VNNI integer dot products, and each block's sum is scaled and accumulated in float32. Weights
+are tiled 16 output channels wide, and up to 8 rows share each weight load (csrc/kernels.cpp).
+
+Accuracy: the activation rounding adds at most half a step (amax / 254) per input, relative to the
+dequantised weights times bf16 x; the result is rounded to bf16 once. The ops use all of torch's
+intra-op threads (at::parallel_for over output channels). Where available() is False (no AVX-512
+VNNI, no compiler or ninja, a failed build), callers use ATen's kernels; why_unavailable() says why.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hetero.backends.native.formats import Int4Weight, Int8Weight, pack_int4, pack_int8
+from hetero.backends.native.library import NativeUnavailable, require, unavailable_reason
+
+__all__ = [
+    "Int4Weight",
+    "Int8Weight",
+    "NativeUnavailable",
+    "available",
+    "linear_int4",
+    "linear_int8",
+    "pack_int4",
+    "pack_int8",
+    "why_unavailable",
+]
+
+
+def available() -> bool:
+    """Whether the kernels can run here; the first call builds them (seconds; cached across runs)."""
+    return unavailable_reason() is None
+
+
+def why_unavailable() -> str | None:
+    return unavailable_reason()
+
+
+def linear_int8(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
+    """x @ w.dequantize().T with x quantised per block of 32; bf16 in, bf16 out."""
+    require()
+    n, k = w.shape
+    out = torch.ops.hetero_native.linear_int8(x.reshape(-1, x.shape[-1]), w.qweight, w.scales, n, k)
+    return out.view(*x.shape[:-1], n)
+
+
+def linear_int4(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
+    require()
+    n, k = w.shape
+    out = torch.ops.hetero_native.linear_int4(
+        x.reshape(-1, x.shape[-1]), w.qweight, w.scales, n, k, w.group_size
+    )
+    return out.view(*x.shape[:-1], n)

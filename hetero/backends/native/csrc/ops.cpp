@@ -1,0 +1,167 @@
+// torch.ops.hetero_native.*: argument checks, scratch buffers and threads around kernels.cpp.
+//
+// Every check that protects a kernel from reading past a buffer or mixing up a layout is a
+// TORCH_CHECK here, so a wrong call is an error and never a wrong result.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <tuple>
+
+#include "kernels.h"
+
+#if AT_PARALLEL_OPENMP && !defined(_OPENMP)
+#error "at::parallel_for is OpenMP code in torch's headers: build with -fopenmp, or it runs on one thread"
+#endif
+
+namespace hetero_native {
+namespace {
+
+// Tiles per task: enough work per thread that scheduling costs nothing next to reading the weights.
+constexpr int64_t kGrainTiles = 4;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+void check_supported() {
+  TORCH_CHECK(cpu_supported(), "hetero_native: this CPU lacks AVX-512 VNNI (avx512f/bw/vl/dq/vnni)");
+}
+
+// The activations quantised per block of 32, [block][row] (kernels.h).
+struct Activations {
+  at::Tensor xq, dx, xc;
+};
+
+Activations quantize(const at::Tensor& x, int64_t nb, int32_t offset) {
+  const int64_t M = x.size(0);
+  Activations a{at::empty({nb, M, kBlock}, x.options().dtype(at::kChar)),
+                at::empty({nb, M}, x.options().dtype(at::kFloat)), at::empty({nb, M}, x.options().dtype(at::kInt))};
+  quantize_activations(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, x.size(1),
+                       x.stride(0), offset, a.xq.data_ptr<int8_t>(), a.dx.data_ptr<float>(),
+                       a.xc.data_ptr<int32_t>(), nb);
+  return a;
+}
+
+at::Tensor check_x(const at::Tensor& x, int64_t k, const char* op) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K], got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, op, ": x must be bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be on the CPU, got ", x.device());
+  TORCH_CHECK(x.size(1) == k, op, ": x has K = ", x.size(1), " but the weight was packed for K = ", k);
+  return x.stride(1) == 1 ? x : x.contiguous();
+}
+
+void check_packed(const at::Tensor& t, at::ScalarType dtype, at::IntArrayRef sizes, const char* what) {
+  TORCH_CHECK(t.scalar_type() == dtype && t.sizes() == sizes && t.is_contiguous() && t.device().is_cpu(), what,
+              " must be a contiguous CPU ", dtype, " tensor of shape ", sizes, ", got ", t.scalar_type(), " ",
+              t.sizes(), t.is_contiguous() ? "" : " (not contiguous)");
+}
+
+at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales, int64_t n,
+                       int64_t k) {
+  check_supported();
+  const at::Tensor x = check_x(x_in, k, "hetero_native::linear_int8");
+  const int64_t tiles = ceil_div(n, kTile), nb = ceil_div(k, kBlock), M = x.size(0);
+  check_packed(qweight, at::kByte, {tiles, nb, kInt8BlockBytes}, "linear_int8: qweight");
+  check_packed(scales, at::kFloat, {tiles * kTile}, "linear_int8: scales");
+  at::Tensor out = at::empty({M, n}, x.options());
+  if (M == 0 || n == 0) return out;
+  const Activations a = quantize(x, nb, 128);
+  at::parallel_for(0, tiles, kGrainTiles, [&](int64_t t0, int64_t t1) {
+    linear_int8_tiles(qweight.data_ptr<uint8_t>(), scales.data_ptr<float>(), nb, t0, t1, a.xq.data_ptr<int8_t>(),
+                      a.dx.data_ptr<float>(), a.xc.data_ptr<int32_t>(), M,
+                      reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), n, n);
+  });
+  return out;
+}
+
+at::Tensor linear_int4(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales, int64_t n,
+                       int64_t k, int64_t group_size) {
+  check_supported();
+  const at::Tensor x = check_x(x_in, k, "hetero_native::linear_int4");
+  TORCH_CHECK(group_size > 0 && group_size % kBlock == 0 && k % group_size == 0,
+              "hetero_native::linear_int4: group_size ", group_size, " must be a multiple of ", kBlock,
+              " that divides K = ", k);
+  const int64_t tiles = ceil_div(n, kTile), nb = k / kBlock, M = x.size(0);
+  check_packed(qweight, at::kByte, {tiles, nb, kInt4BlockBytes}, "linear_int4: qweight");
+  check_packed(scales, at::kHalf, {tiles, k / group_size, kTile}, "linear_int4: scales");
+  at::Tensor out = at::empty({M, n}, x.options());
+  if (M == 0 || n == 0) return out;
+  const Activations a = quantize(x, nb, 8);
+  at::parallel_for(0, tiles, kGrainTiles, [&](int64_t t0, int64_t t1) {
+    linear_int4_tiles(qweight.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
+                      nb, group_size / kBlock, t0, t1, a.xq.data_ptr<int8_t>(), a.dx.data_ptr<float>(),
+                      a.xc.data_ptr<int32_t>(), M, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), n,
+                      n);
+  });
+  return out;
+}
+
+at::Tensor check_w(const at::Tensor& w_in, const char* op) {
+  TORCH_CHECK(w_in.dim() == 2, op, ": weight must be 2-D [N, K], got ", w_in.sizes());
+  TORCH_CHECK(w_in.device().is_cpu(), op, ": weight must be on the CPU, got ", w_in.device());
+  const at::Tensor w = w_in.scalar_type() == at::kBFloat16 ? w_in : w_in.to(at::kFloat);
+  return w.contiguous();
+}
+
+const void* w_data(const at::Tensor& w) {
+  return w.scalar_type() == at::kBFloat16 ? static_cast<const void*>(w.data_ptr<at::BFloat16>())
+                                          : static_cast<const void*>(w.data_ptr<float>());
+}
+
+std::tuple<at::Tensor, at::Tensor> pack_int8(const at::Tensor& w_in) {
+  check_supported();
+  const at::Tensor w = check_w(w_in, "hetero_native::pack_int8");
+  const int64_t N = w.size(0), K = w.size(1), tiles = ceil_div(N, kTile), nb = ceil_div(K, kBlock);
+  at::Tensor qweight = at::empty({tiles, nb, kInt8BlockBytes}, w.options().dtype(at::kByte));
+  at::Tensor scales = at::empty({tiles * kTile}, w.options().dtype(at::kFloat));
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    if (!pack_int8_tiles(w_data(w), w.scalar_type() == at::kBFloat16, N, K, nb, t0, t1,
+                         qweight.data_ptr<uint8_t>(), scales.data_ptr<float>()))
+      ok = false;
+  });
+  TORCH_CHECK(ok.load(), "hetero_native::pack_int8: the weight has a NaN or an infinity");
+  return {qweight, scales};
+}
+
+std::tuple<at::Tensor, at::Tensor> pack_int4(const at::Tensor& w_in, int64_t group_size) {
+  check_supported();
+  const at::Tensor w = check_w(w_in, "hetero_native::pack_int4");
+  const int64_t N = w.size(0), K = w.size(1), tiles = ceil_div(N, kTile);
+  TORCH_CHECK(group_size > 0 && group_size % kBlock == 0 && K % group_size == 0,
+              "hetero_native::pack_int4: group_size ", group_size, " must be a multiple of ", kBlock,
+              " that divides K = ", K);
+  at::Tensor qweight = at::empty({tiles, K / kBlock, kInt4BlockBytes}, w.options().dtype(at::kByte));
+  at::Tensor scales = at::empty({tiles, K / group_size, kTile}, w.options().dtype(at::kHalf));
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    if (!pack_int4_tiles(w_data(w), w.scalar_type() == at::kBFloat16, N, K, group_size, t0, t1,
+                         qweight.data_ptr<uint8_t>(), reinterpret_cast<uint16_t*>(scales.data_ptr<at::Half>())))
+      ok = false;
+  });
+  TORCH_CHECK(ok.load(), "hetero_native::pack_int4: the weight has a NaN or an infinity, or a group's scale "
+              "does not fit float16");
+  return {qweight, scales};
+}
+
+}  // namespace
+}  // namespace hetero_native
+
+using namespace hetero_native;
+
+TORCH_LIBRARY(hetero_native, m) {
+  m.def("cpu_supported() -> bool", [] { return cpu_supported(); });
+  m.def("linear_int8(Tensor x, Tensor qweight, Tensor scales, int n, int k) -> Tensor");
+  m.def("linear_int4(Tensor x, Tensor qweight, Tensor scales, int n, int k, int group_size) -> Tensor");
+  m.def("pack_int8(Tensor weight) -> (Tensor, Tensor)");
+  m.def("pack_int4(Tensor weight, int group_size) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(hetero_native, CPU, m) {
+  m.impl("linear_int8", &linear_int8);
+  m.impl("linear_int4", &linear_int4);
+  m.impl("pack_int8", &pack_int8);
+  m.impl("pack_int4", &pack_int4);
+}
