@@ -82,13 +82,14 @@ def deepseek_on_cpu_no_cache(tmp_path_factory: pytest.TempPathFactory) -> Shared
 
 @pytest.fixture(scope="session")
 def engram_tiny_eager() -> SharedCompile:
-    """engram-tiny with eager partitions (the default lookup split), called once on its example inputs."""
+    """engram-tiny with eager partitions (the default lookup split), called once on its example inputs;
+    pipelined, so that the prefetch stream has a thread of its own on this CPU accel too."""
 
     def warm_up(built: zoo.ZooModel, compiled: Any) -> None:
         with torch.no_grad():
             compiled(*built.example_inputs)
 
-    return SharedCompile("engram-tiny", {"partition_compiler": "eager"}, warm_up)
+    return SharedCompile("engram-tiny", {"partition_compiler": "eager", "schedule": "pipelined"}, warm_up)
 
 
 @pytest.fixture(scope="session")

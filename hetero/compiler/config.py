@@ -33,6 +33,7 @@ from hetero.compiler.options import (
     parse_disabled_passes,
     parse_expert_parallel,
     parse_extra_passes,
+    parse_group_size,
     parse_micro_batches,
     parse_optional_name,
     parse_optional_pass,
@@ -156,15 +157,23 @@ class HeteroConfig:
         'what compiles each partition: `"inductor"` or `"eager"`',
         shown='`"inductor"`',
     )
-    host_dtype: Literal["auto", "fp32", "bf16", "int8"] = option(
+    host_dtype: Literal["auto", "fp32", "bf16", "int8", "int4", "int8-dynamic"] = option(
         "auto",
-        parse_choice("auto", "fp32", "bf16", "int8"),
+        parse_choice("auto", "fp32", "bf16", "int8", "int4", "int8-dynamic"),
         (
-            'what host kernels (MoE experts through oneDNN) compute in: `"auto"` = the model\'s dtype (fp32 '
-            'or bf16), `"fp32"`, `"bf16"`, or `"int8"` (int8 weights with per-channel scales, activations '
-            "quantised per call)"
+            'the format of the weights host kernels read: `"auto"` = the model\'s dtype (fp32 or bf16), '
+            '`"fp32"`, `"bf16"`, `"int8"` (weight-only, a scale per output channel), `"int4"` (weight-only, '
+            'a scale per `host_group_size` weights), `"int8-dynamic"` (int8 weights and activations, '
+            "the activations quantised per token at each call). On a CPU accel every linear on a weight "
+            "uses it too, but MoE routers, which stay at the model's precision"
         ),
         shown='`"auto"`',
+    )
+    host_group_size: int = option(
+        32,
+        parse_group_size,
+        "int4: weights along the input dimension that share a scale (32, 64, 128 or 256)",
+        shown="`32`",
     )
     engram: Literal["lookup", "block"] = option(
         "lookup",
@@ -256,14 +265,16 @@ class HeteroConfig:
         ),
         shown="`[]`",
     )
-    schedule: Literal["pipelined", "sequential"] = option(
-        "pipelined",
-        parse_choice("pipelined", "sequential"),
+    schedule: Literal["auto", "pipelined", "sequential"] = option(
+        "auto",
+        parse_choice("auto", "pipelined", "sequential"),
         (
             '`"pipelined"`: each stream (accel, host, copy, prefetch) on its own worker, tasks overlapping '
-            'where the graph allows; `"sequential"`: one task at a time on the calling thread'
+            'where the graph allows; `"sequential"`: one task at a time on the calling thread; `"auto"`: '
+            "pipelined on a CUDA accel or with `micro_batches`, else sequential when the accel role is the "
+            "CPU (nothing to overlap)"
         ),
-        shown='`"pipelined"`',
+        shown='`"auto"`',
     )
     micro_batches: int | Literal["auto"] = option(
         1,

@@ -90,6 +90,15 @@ def parse_choice(*choices: str) -> Callable[[str, Any, bool], str]:
     return parse
 
 
+def parse_group_size(key: str, value: Any, from_env: bool) -> int:
+    """int4 group size: weights along K that share a scale (32, 64, 128 or 256)."""
+    if from_env and isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or value not in (32, 64, 128, 256):
+        raise _bad(key, value, "one of 32, 64, 128, 256 (weights along the input that share a scale)")
+    return value
+
+
 def parse_bool(key: str, value: Any, from_env: bool) -> bool:
     if isinstance(value, bool):
         return value

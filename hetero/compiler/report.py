@@ -11,7 +11,9 @@
      "host_kernels": [{"region", "kind", "backend", "dtype", "experts" + "form" | "linears",
                        "in_place_bytes",     # the model's own weights, read in place
                        "packed_bytes",       # copies the kernel holds (the model keeps its own too)
-                       "built"}],            # False: an earlier compile built it (reused, nothing packed)
+                       "built",              # False: an earlier compile built it (reused, nothing packed)
+                       "ran"}],              # {kernel: {rows: calls}} so far: which kernel ran for how
+                                            # many rows (e.g. "native-int4" at 1, "dequant+mm" at 32)
                                             # form: the activation and routing, e.g. "swiglu_oss(...)"
      "runtime_fallbacks": {task: int},      # accel tasks that raised and now run on the host, and
                                             # "<other weights>": calls that ran the captured graph
@@ -165,6 +167,12 @@ class Report:
                 held += f", {format_bytes(k['packed_bytes'])} prepacked (the model keeps its own copy too)"
             reused = "" if k["built"] else ", reused from an earlier compile"
             lines.append(f"  {k['region']}: {k['backend']} {k['kind']} {k['dtype']}, {count}, {held}{reused}")
+            if k.get("ran"):
+                ran = "; ".join(
+                    f"{kernel} " + ", ".join(f"{n}x{rows} rows" for rows, n in sorted(by_rows.items()))
+                    for kernel, by_rows in k["ran"].items()
+                )
+                lines.append(f"    ran: {ran}")
         lines.append("\nfallbacks:" + ("" if self.fallbacks else " none"))
         lines += [f"  {f['node']} ({f['op']}, {f['module']}): {f['reason']}" for f in self.fallbacks]
         return lines

@@ -219,8 +219,23 @@ def report(build: Build) -> PassResult:
     return PassResult(build.gm, False, {"fallbacks": len(build.report.fallbacks)})
 
 
+# The oneDNN data type a host format's GEMMs run in: weight-only formats dequantise into bf16 GEMMs over
+# many rows, int8-dynamic multiplies int8 by int8.
+_ONEDNN_DTYPE = {"fp32": "fp32", "bf16": "bf16", "int8": "bf16", "int4": "bf16", "int8-dynamic": "int8"}
+
+
 def _host_isa(kernels: Sequence[dict[str, object]]) -> str:
-    return probe()[str(kernels[0]["dtype"]) if kernels else "bf16"]
+    return probe()[_ONEDNN_DTYPE[str(kernels[0]["dtype"])] if kernels else "bf16"]
+
+
+def _schedule_mode(config: HeteroConfig, accel: str) -> str:
+    """ "auto": pipelined on a CUDA accel or when micro-batches were asked for (to overlap them);
+    otherwise, where both roles are this CPU, sequential: nothing to overlap, two workers would only
+    split its cores (measured, DeepSeek-V2-Lite width, 4 layers, 2 threads: a decode step took 1.8x as
+    long pipelined)."""
+    if config.schedule != "auto":
+        return config.schedule
+    return "pipelined" if accel == "cuda" or config.micro_batches != 1 else "sequential"
 
 
 def build_executor(build: Build) -> PassResult:
@@ -237,7 +252,7 @@ def build_executor(build: Build) -> PassResult:
         build.kernels,
         {t.inputs[0]: build.weights[position[t.inputs[0]]] for t in schedule.setup},
         keepalive=build.binding.packed,
-        mode=config.schedule,
+        mode=_schedule_mode(config, build.ctx.target.accel),
         fallback=HostFallback(
             host_kernel=functools.partial(_host_copy, gm, build.ctx.target.host_device),
             host_device=build.ctx.target.host_device,

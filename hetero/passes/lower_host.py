@@ -56,6 +56,7 @@ class HostKernel:
     ranks: int = 0  # MoE: ranks its experts are sharded across (expert_parallel); 0: all on this host
     parallel: Any = None  # MoE with ranks: the ExpertParallel option (group, placement, timeout)
     form: MoeForm | None = None  # MoE: activation and where the routing weight goes
+    group_size: int = 32  # int4: weights along K sharing a scale
 
     def __str__(self) -> str:
         unit = "experts" if self.kind == "moe" else "fused"
@@ -68,11 +69,14 @@ def lower_host(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     unlowered: dict[meta.Region, str] = {}
     ranks = ctx.target.expert_parallel_ranks
     for call in [n for n in gm.graph.nodes if n.op == "call_module" and meta.partition(n)]:
+        sub = getattr(gm, call.target)
         if meta.partition(call).role != "host":
             if ranks:
-                _record_local_experts(getattr(gm, call.target), ctx)
+                _record_local_experts(sub, ctx)
+            if ctx.target.accel == "cpu":  # the accel role is this CPU: its linears run the host kernels too
+                linears += _lower_linears(sub, call, ctx)
+                _drop_unused_inputs(gm, call, sub)
             continue
-        sub = getattr(gm, call.target)
         for node in [n for n in sub.graph.nodes if n.target is torch.ops.hetero.moe_experts.default]:
             kernel = _plan(node, sub, call, ctx)
             if isinstance(kernel, str):
@@ -149,11 +153,11 @@ class _Recipe:
         return tuple(self.names), fx.GraphModule(torch.nn.Module(), self.graph)
 
 
-def _host_dtype(ctx: PassContext, x: fx.Node, allow_int8: bool) -> str | None:
+def _host_dtype(ctx: PassContext, x: fx.Node, quantise: bool = True) -> str | None:
+    """The host format for a kernel reading `x`: host_dtype, or the model's dtype for "auto" and, when
+    `quantise` is False (MoE routers), for the int formats; None when the model's dtype has no format."""
     dtype = ctx.config.host_dtype
-    if dtype == "int8" and not allow_int8:
-        dtype = "auto"
-    if dtype == "auto":
+    if dtype == "auto" or (not quantise and dtype not in ("fp32", "bf16")):
         return _DTYPES.get(meta.val(x).dtype)
     return dtype
 
@@ -169,9 +173,9 @@ def _plan(node: fx.Node, sub: fx.GraphModule, call: fx.Node, ctx: PassContext) -
     if ctx.target.expert_parallel_ranks and (form != MoeForm() or any(b is not None for b in biases)):
         what = f"{form}" + (" with biases" if any(b is not None for b in biases) else "")
         return f"the expert-parallel kernel computes SiLU experts without biases, not {what}"
-    dtype = _host_dtype(ctx, hidden, allow_int8=True)
+    dtype = _host_dtype(ctx, hidden)
     if dtype is None:
-        return f"hidden states are {meta.val(hidden).dtype}; host kernels compute in fp32, bf16 or int8"
+        return f"hidden states are {meta.val(hidden).dtype}; host kernels compute in fp32 or bf16"
     recipe = _Recipe(sub, call)
     lists = []
     for weights in (a["gate"], a["up"], a["down"], *(b for b in biases if b is not None)):
@@ -186,7 +190,9 @@ def _plan(node: fx.Node, sub: fx.GraphModule, call: fx.Node, ctx: PassContext) -
     names, graph = recipe.finish(tuple(lists))
     gate = a["gate"]
     experts = len(gate) if len(gate) > 1 else meta.size_hint(meta.val(gate[0]).shape[0])
-    return HostKernel("moe", "onednn", dtype, names, graph, experts, form=form)
+    return HostKernel(
+        "moe", "onednn", dtype, names, graph, experts, form=form, group_size=ctx.config.host_group_size
+    )
 
 
 def _record_local_experts(sub: fx.GraphModule, ctx: PassContext) -> None:
@@ -252,14 +258,20 @@ def _reads_parameter(value: object) -> bool:
 def _lower_linears(sub: fx.GraphModule, call: fx.Node, ctx: PassContext) -> int:
     """Linears on parameters -> host_linear, one per group reading the same input. Returns groups lowered."""
     groups: dict[tuple[object, ...], list[tuple[fx.Node, fx.Node, fx.Node, fx.Node | None]]] = {}
+    dtypes: dict[tuple[object, ...], str] = {}
     for node in sub.graph.nodes:
         parts = _linear_parts(node)
-        if parts is None or _host_dtype(ctx, parts[0], allow_int8=False) is None:
+        if parts is None:
             continue
         x = parts[0]
-        groups.setdefault(_same_value_key(x), []).append((node, *parts))
+        dtype = _host_dtype(ctx, x, quantise=not _routes(node))
+        if dtype is None:
+            continue
+        key = (*_same_value_key(x), dtype)
+        groups.setdefault(key, []).append((node, *parts))
+        dtypes[key] = dtype
     lowered = 0
-    for members in groups.values():
+    for key, members in groups.items():
         recipe = _Recipe(sub, call)
         weights = recipe.take_all([w for _, _, w, _ in members])
         biases = recipe.take_all([b for _, _, _, b in members])
@@ -269,7 +281,7 @@ def _lower_linears(sub: fx.GraphModule, call: fx.Node, ctx: PassContext) -> int:
         x = members[0][1]
         widths = [meta.size_hint(meta.val(n).shape[1]) for n, *_ in members]
         kernel = HostKernel(
-            "linear", "onednn", _host_dtype(ctx, x, allow_int8=False), names, graph, len(members)
+            "linear", "onednn", dtypes[key], names, graph, len(members), group_size=ctx.config.host_group_size
         )
         first = members[0][0]
         with sub.graph.inserting_before(first):
@@ -321,6 +333,25 @@ def _lower_linears(sub: fx.GraphModule, call: fx.Node, ctx: PassContext) -> int:
         sub.graph.eliminate_dead_code()
         sub.recompile()
     return lowered
+
+
+_ROUTING_OPS = (_aten.topk.default, _aten.sort.default, _aten.argmax.default)
+_ROUTING_DEPTH = 8
+_MATMULS = (_aten.mm.default, _aten.addmm.default, _aten.bmm.default, torch.ops.hetero.host_linear.default)
+
+
+def _routes(node: fx.Node) -> bool:
+    """Whether a linear's output picks experts (a router): it reaches a top-k within a few ops. Routers
+    keep the model's precision, as llama.cpp keeps `ffn_gate_inp`: a quantised router picks other
+    experts, which no later bound can make small. The search stops at the next matmul."""
+    frontier, seen = [node], {node}
+    for _ in range(_ROUTING_DEPTH):
+        frontier = [u for n in frontier for u in n.users if u not in seen]
+        if any(u.target in _ROUTING_OPS for u in frontier):
+            return True
+        seen.update(frontier)
+        frontier = [u for u in frontier if u.target not in _MATMULS]
+    return False
 
 
 def _same_value_key(x: fx.Node) -> tuple[object, ...]:

@@ -106,8 +106,8 @@ class Executor:
         self._warned = False
         self._lock = threading.Lock()
         self._on_spans = on_spans
-        streams = {t.stream for t in schedule.tasks}
-        self.mode = mode if len(streams) > 1 else "sequential"
+        self._many_streams = len({t.stream for t in schedule.tasks}) > 1
+        self._given_device = device
         keep = set(schedule.outputs)
         if schedule.batch is not None:
             keep |= {s for mb in schedule.batch.micro_outputs for s in mb}
@@ -122,11 +122,22 @@ class Executor:
         self._issue = threading.Lock()  # a call issues all its tasks before another call issues any
         self._device: Device | None = None
         self._streams: dict[str, Any] = {}
-        if self.mode == "pipelined":
-            self._device = device or _device_for(schedule)
-            self._streams = {spec.name: self._device.stream(spec) for spec in schedule.streams}
-            weakref.finalize(self, self._device.close)  # the streams' threads end with the executor
+        self.mode = mode
         _LIVE.add(self)
+
+    @property
+    def mode(self) -> str:
+        """ "pipelined" or "sequential" (a schedule on one stream is always sequential); settable: the
+        streams' workers start the first time it is pipelined."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        self._mode = mode if self._many_streams else "sequential"
+        if self._mode == "pipelined" and self._device is None:
+            self._device = self._given_device or _device_for(self.schedule)
+            self._streams = {spec.name: self._device.stream(spec) for spec in self.schedule.streams}
+            weakref.finalize(self, self._device.close)  # the streams' threads end with the executor
 
     # -- a call ----------------------------------------------------------------------------------
 

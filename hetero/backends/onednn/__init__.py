@@ -52,11 +52,20 @@ def bind(sub: fx.GraphModule, values: ParamValues) -> Binding:
             built.append(True)
             weights = kernel.recipe(*[values.get(n) for n in kernel.params])
             if kernel.kind != "moe":
-                return PackedLinear(*weights, kernel.dtype)
+                return PackedLinear(*weights, kernel.dtype, group_size=kernel.group_size)
             biases = dict(zip(("gate_bias", "up_bias", "down_bias"), weights[3:], strict=False))
-            return PackedMoe(*weights[:3], kernel.dtype, **biases, form=kernel.form)
+            return PackedMoe(
+                *weights[:3], kernel.dtype, **biases, form=kernel.form, group_size=kernel.group_size
+            )
 
-        key = ("onednn", kernel.kind, kernel.dtype, str(kernel.form), _structure(kernel.recipe))
+        key = (
+            "onednn",
+            kernel.kind,
+            kernel.dtype,
+            kernel.group_size,
+            str(kernel.form),
+            _structure(kernel.recipe),
+        )
         packed = values.memo(key, kernel.params, build)
         node.update_arg(len(node.args) - 1, HANDLES.register(packed))
         binding.packed.append(packed)
@@ -76,6 +85,8 @@ def bind(sub: fx.GraphModule, values: ParamValues) -> Binding:
                 "packed_bytes": packed.nbytes,
                 "in_place_bytes": getattr(packed, "in_place_bytes", 0),
                 "built": bool(built),
+                # {kernel: {rows: calls}}, filled as the model runs (the kernel's own dict)
+                "ran": getattr(packed, "ran", {}),
             }
         )
     if binding.packed:
