@@ -4,6 +4,8 @@
 # make gpu-check — on a machine with CUDA and a preinstalled torch: GPU tests, demo, benchmarks -> gpu-check/
 # make test-slow — the `slow` tests (zoo models through Inductor, the costliest architectures, the
 #                  multi-process expert-parallel tests, bisect and a 32-layer drawing)
+# make peers — llama.cpp's llama-bench and llama-quantize (from the llama-cpp-python sdist) in .peers/,
+#              and the converter's Python packages, for `hetero bench e2e --peers` (~10 min; not in test)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -14,7 +16,7 @@ TORCH_SPEC ?= torch==2.13.0
 # pytest-xdist workers for `make test` (one per core; each worker runs torch with one thread).
 TEST_WORKERS ?= auto
 
-.PHONY: venv demo test test-slow gpu-check lint clean
+.PHONY: venv demo test test-slow gpu-check lint clean peers
 
 # $(call system_package,COMMAND,DEBIAN_PACKAGE,WHAT_IS_LOST): install a Debian package when COMMAND is
 # missing and this is a Debian/Ubuntu machine where we are root; otherwise say what is lost, and go on.
@@ -56,6 +58,13 @@ test-slow: venv
 GPU_PYTHON ?= python3
 gpu-check:
 	$(GPU_PYTHON) scripts/gpu_check.py --out gpu-check
+
+# scripts/build_peers.py skips every step whose result is there: a second `make peers` does nothing.
+# It needs a venv but leaves an existing one as it is (no reinstall when pyproject.toml is newer).
+# PEERS_FLAGS=--amx keeps ggml's AMX kernels (off by default: see scripts/build_peers.py).
+peers:
+	@test -x $(PY) || $(MAKE) venv
+	$(PY) scripts/build_peers.py $(PEERS_FLAGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -9,6 +9,7 @@
     hetero bench moe [--json]           one MoE layer: hetero vs eager, Inductor and the floor
     hetero bench moe --memory           peak/steady memory compiling an 8-layer V2-Lite-width model
     hetero bench engram|mla [--json]    the Engram block; the MLA prologue (GPU)
+    hetero bench e2e [--json] [--peers] a whole V2-Lite-width model: tok/s vs eager, Inductor, llama.cpp
     hetero bench pipeline [--json]      pipelined stream schedule vs sequential, and its simulation
 
 Exit codes: 0 success, 1 a run that failed or a check that differed, 2 a usage or configuration error.
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from hetero import zoo
+from hetero.bench import e2e as bench_e2e
 from hetero.bench import engram as bench_engram
 from hetero.bench import memory as bench_memory
 from hetero.bench import mla as bench_mla
@@ -44,6 +46,7 @@ BENCHES = {
     "engram": bench_engram.main,
     "mla": bench_mla.main,
     "pipeline": bench_pipeline.main,
+    "e2e": bench_e2e.main,
 }
 
 EXAMPLES = {
@@ -88,6 +91,9 @@ EXAMPLES = {
     "bench": """examples:
   hetero bench moe
   hetero bench pipeline --json
+  hetero bench e2e                    # decode and prefill tok/s of a 4-layer V2-Lite-width model
+  hetero bench e2e --peers --json     # and llama.cpp on the same weights (after `make peers`)
+  hetero bench e2e --layers 2         # a smaller model (built once into ~/.cache/hetero/bench)
 """,
 }
 
@@ -151,13 +157,26 @@ def _parser() -> argparse.ArgumentParser:
         "name",
         choices=list(BENCHES),
         help="moe: one MoE layer on the host; engram: the Engram block and the prefetch overlap; "
-        "mla: the fused MLA prologue on the GPU; pipeline: the stream schedule against the sequential one",
+        "mla: the fused MLA prologue on the GPU; pipeline: the stream schedule against the sequential one; "
+        "e2e: a whole DeepSeek-V2-Lite-width model, decode and prefill tok/s, eager / Inductor / hetero "
+        "bf16, int8, int4 (and llama.cpp with --peers)",
     )
     bench.add_argument("--json", action="store_true", help="print the numbers as JSON")
     bench.add_argument(
         "--memory",
         action="store_true",
         help="moe only: peak and steady memory of compiling an 8-layer DeepSeek-V2-Lite-width model",
+    )
+    bench.add_argument(
+        "--peers",
+        action="store_true",
+        help="e2e only: llama.cpp at bf16 / Q8_0 / Q4_0 on the same weights (needs `make peers`)",
+    )
+    bench.add_argument(
+        "--layers",
+        type=int,
+        metavar="N",
+        help=f"e2e only: decoder layers of the model (default {bench_e2e.LAYERS}; the first is dense)",
     )
     return parser
 
@@ -267,6 +286,13 @@ def main(argv: list[str] | None = None) -> int:
                 )
             if args.memory:
                 return report(bench_memory.run, bench_memory.table, args.json)
+            if args.name == "e2e":
+                return _bench_e2e(args)
+            for flag, given in (("--peers", args.peers), ("--layers", args.layers is not None)):
+                if given:
+                    raise ConfigError(
+                        f"{flag} is a flag of `hetero bench e2e`, not of `hetero bench {args.name}`"
+                    )
             return BENCHES[args.name](as_json=args.json)
     except (ConfigError, TargetError) as e:  # what the user asked for cannot be had: a usage error
         print(f"hetero: error: {e}", file=sys.stderr)
@@ -276,6 +302,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     parser.error(f"unknown command {args.command!r}")
     return 2
+
+
+def _bench_e2e(args: argparse.Namespace) -> int:
+    layers = bench_e2e.LAYERS if args.layers is None else args.layers
+    if layers < 1:
+        raise ConfigError(f"--layers must be 1 or more, got {layers}")
+    return bench_e2e.main(as_json=args.json, layers=layers, peers=args.peers)
 
 
 def _options(parser: argparse.ArgumentParser, pairs: list[tuple[str, Any]], **more: Any) -> dict[str, Any]:

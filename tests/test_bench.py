@@ -20,7 +20,8 @@ def test_bench_moe_reports_every_variant_the_floor_and_memory() -> None:
     data = json.loads(json.dumps(result.to_dict()))
     assert [row["tokens"] for row in data["rows"]] == [1, 4]
     for row in data["rows"]:
-        assert set(row["ms"]) == {"eager", "torch._grouped_mm", "inductor", "hetero int8", "hetero bf16"}
+        hetero = {"hetero bf16", "hetero int8", "hetero int4", "hetero int8-dynamic"}
+        assert set(row["ms"]) == {"eager", "torch._grouped_mm", "inductor", *hetero}
         assert all(ms > 0 for ms in row["ms"].values())
         assert row["floor_ms"] > 0 and row["floor_bound"] in ("memory", "compute")
         assert 1 <= row["experts_touched"] <= TOY["experts"]

@@ -44,10 +44,63 @@ def round_robin(
 
 
 def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    """Bytes per second a full read of a large fp32 tensor achieves (a reduction over all of it)."""
-    data = torch.ones(int(gib * 2**30) // 4)
-    ms = median_ms(lambda: data.sum(), repeats)
-    return data.numel() * 4 / (ms / 1e3)
+    """Bytes per second this machine reads from memory: the best of `read_bandwidths`.
+
+    Floors divide bytes read by this number, so it must be what a kernel can really reach: an
+    under-measured bandwidth makes a floor too slow and a kernel look closer to it than it is."""
+    return max(read_bandwidths(gib, repeats).values())
+
+
+# K of the probe's matrices: an LLM linear's input width, so each row is a long contiguous read.
+_PROBE_K = 2048
+
+
+def read_bandwidths(gib: float = 1.0, repeats: int = 5) -> dict[str, float]:
+    """Bytes per second each of several readers achieves over a working set of `gib` GiB (far larger
+    than any cache; each reader's buffer is allocated, timed and freed in turn, one at a time):
+
+    - `mv_bf16`: `torch.mv` of a bf16 matrix [N, 2048] and a vector (ATen's GEMV, what a decode step
+      does with a weight);
+    - `onednn_gemv`: the same matrix prepacked for one row by `mkldnn._reorder_linear_weight` and read
+      by `mkldnn._linear_pointwise` (hetero's host linear; absent where oneDNN has no bf16 path);
+    - `sum_fp32`: `sum()` over a fp32 tensor (a reduction; on the 2-core development VM it reads about
+      half of what the GEMVs read, which is why it is no longer the probe on its own).
+
+    Each number is bytes / median time of `repeats` reads after two warm-up reads. A reader that fails
+    on this machine is left out."""
+    nbytes = int(gib * 2**30)
+    rows = max(1, nbytes // (2 * _PROBE_K))
+    readers: dict[str, Callable[[], tuple[Callable[[], object], int]]] = {
+        "mv_bf16": lambda: _mv_reader(rows),
+        "onednn_gemv": lambda: _onednn_reader(rows),
+        "sum_fp32": lambda: _sum_reader(nbytes // 4),
+    }
+    result = {}
+    for name, make in readers.items():
+        try:
+            read, size = make()
+        except RuntimeError:  # e.g. no oneDNN bf16 on this CPU
+            continue
+        result[name] = size / (median_ms(read, repeats) / 1e3)
+        del read
+    return result
+
+
+def _mv_reader(rows: int) -> tuple[Callable[[], object], int]:
+    w = torch.ones(rows, _PROBE_K, dtype=torch.bfloat16)
+    x = torch.ones(_PROBE_K, dtype=torch.bfloat16)
+    return (lambda: torch.mv(w, x)), w.numel() * 2
+
+
+def _onednn_reader(rows: int) -> tuple[Callable[[], object], int]:
+    x = torch.ones(1, _PROBE_K, dtype=torch.bfloat16)
+    w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(rows, _PROBE_K, dtype=torch.bfloat16), 1)
+    return (lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")), rows * _PROBE_K * 2
+
+
+def _sum_reader(numel: int) -> tuple[Callable[[], object], int]:
+    data = torch.ones(numel)
+    return (lambda: data.sum()), numel * 4
 
 
 def bf16_gemm_peak(m: int = 1024, n: int = 2816, k: int = 2048, repeats: int = 5) -> float:
@@ -58,10 +111,12 @@ def bf16_gemm_peak(m: int = 1024, n: int = 2816, k: int = 2048, repeats: int = 5
     return 2 * m * n * k / (ms / 1e3)
 
 
-def rss_bytes() -> tuple[int, int]:
-    """(current, peak) resident set size of this process, from /proc (0, 0 where unavailable)."""
+def rss_bytes(pid: int | None = None) -> tuple[int, int]:
+    """(current, peak) resident set size of this process (or of process `pid`), from /proc (0, 0 where
+    unavailable). The peak (VmHWM) is the current program's own: unlike getrusage's ru_maxrss, which a
+    child inherits from the process that forked it, it starts afresh at exec."""
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid or 'self'}/status") as f:
             found = dict(re.findall(r"(VmRSS|VmHWM):\s+(\d+)", f.read()))
         return int(found["VmRSS"]) * 1024, int(found["VmHWM"]) * 1024
     except (OSError, KeyError):
