@@ -5,7 +5,9 @@ the first time a partition holds one of them. `register()` gives each op
 - on "cuda": the Triton launcher in launch.py, compiled kernels (interpreted if TRITON_INTERPRET=1);
 - on "cpu": the same launcher under the Triton interpreter when TRITON_INTERPRET=1 at call time, and
   the op's ATen reference otherwise. The environment is read per call, not at registration, so a test
-  or a user can switch the interpreter on after hetero is imported.
+  or a user can switch the interpreter on after hetero is imported. A partition Inductor compiles for
+  the CPU without TRITON_INTERPRET=1 decomposes the ops into those references (backends/inductor), so
+  there the choice is made when it compiles.
 
 Each op is one kernel launch (kernels.launch_counts counts them).
 """
