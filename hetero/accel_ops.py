@@ -1,13 +1,20 @@
 """hetero's accelerator ops: the MLA prologue and the small-op fusions, one custom op per Triton kernel.
 
-`fuse_accel` rewrites recognised op chains in accel partitions into these ops. Each op is opaque to
-Inductor (it compiles the rest of the partition around it) and has three implementations:
-- the Triton kernel (hetero.backends.triton) on CUDA,
+`fuse_accel` rewrites recognised op chains in accel partitions into these ops. Each op has three
+implementations:
+- the Triton kernel (hetero.backends.triton) on CUDA, opaque to Inductor (it compiles the rest of the
+  partition around it),
 - the same Triton kernel under the Triton interpreter on the CPU when TRITON_INTERPRET=1,
-- the ATen reference below otherwise (accel = cpu without the interpreter).
+- the ATen reference below otherwise (accel = cpu without the interpreter), which Inductor gets as the
+  op's decomposition and fuses with its neighbours (hetero.backends.inductor).
 
 Every reference computes in fp32 and rounds where the model it replaces rounds, so the kernels can be
-checked against it tightly and the model against eager within the dtype's tolerance. For RoPE that
+checked against it tightly and the model against eager within the dtype's tolerance. The references
+say each of those roundings with an explicit cast, half-precision inputs included (`x.float()`, not
+`x + residual` in bf16): Inductor keeps a fused chain's intermediates in fp32 and rounds them only at
+explicit casts (with `emulate_precision_casts`), so `x + residual` on an input that is itself an
+unrounded sum upstream would not be eager's sum. Eager computes one half-precision op in fp32 and
+rounds once, so the explicit form gives the same bits there. For RoPE that
 depends on the model, not on the style: transformers multiplies and adds half-precision tensors (each
 product and the sum rounded: `round_each=True`), DeepSeek's reference code upcasts to fp32 and rounds
 once at the end (`round_each=False`). Rounding once where eager rounds three times changes a bf16 result
@@ -44,18 +51,19 @@ def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
     """transformers' RMSNorm: normalise in fp32, round to x's dtype, then scale by the weight."""
     xf = x.float()
     y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    return weight * y
+    return (weight.float() * y.float()).to(torch.promote_types(weight.dtype, x.dtype))
 
 
 def add_rmsnorm_reference(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    total = x + residual
+    total = (x.float() + residual.float()).to(torch.promote_types(x.dtype, residual.dtype))
     return rmsnorm_reference(total, weight, eps), total
 
 
 def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.silu(gate) * up
+    silu = torch.nn.functional.silu(gate.float()).to(gate.dtype)
+    return (silu.float() * up.float()).to(torch.promote_types(gate.dtype, up.dtype))
 
 
 def rope_reference(

@@ -178,6 +178,33 @@ def test_triton_kernels_run_the_model_under_the_interpreter(monkeypatch: pytest.
     assert all(_fuse_stats(r)["kernels.mla_rope_k"] == layers for r in reports)
 
 
+def test_decomposed_ops_round_where_eager_rounds() -> None:
+    """On the CPU, Inductor gets the fused ops' references as decompositions and fuses them with their
+    neighbours, keeping the fused intermediates in fp32. A residual chain through add_rmsnorm and
+    silu_mul in bf16 must still give eager's bits: each reference rounds with explicit casts, inputs
+    included (an upstream sum that Inductor left unrounded once moved a bf16 MoE router's pick)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from hetero.backends.inductor import compile_partition
+
+    g = torch.Generator().manual_seed(11)
+    x, r, gate = (3 * torch.randn(2, 1, 256, generator=g, dtype=torch.bfloat16) for _ in range(3))
+    w = torch.randn(256, generator=g, dtype=torch.bfloat16)
+    lin = torch.randn(256, 256, generator=g, dtype=torch.bfloat16) / 16
+
+    def layers(x, r, gate, w, lin):
+        for _ in range(3):
+            x, r = torch.ops.hetero.add_rmsnorm(torch.nn.functional.linear(x, lin), r, w, 1e-6)
+            r = r + torch.ops.hetero.silu_mul(gate + x, x)  # sums feeding the fused ops unrounded
+        return x, r
+
+    args = (x, r, gate, w, lin)
+    torch._dynamo.reset()
+    got = compile_partition(make_fx(layers)(*args), list(args))(*args)
+    for a, b in zip(got, layers(*args), strict=True):
+        assert torch.equal(a, b), (a - b).abs().max()
+
+
 # fp32 adds one graph (the second decode step's) to the interpreter test's shared compile just above.
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.slow)])
 def test_deepseek_v3_tiny_has_one_fused_prologue_per_layer(

@@ -13,11 +13,15 @@ ops stay whole, so the Triton kernels run in the interpreter.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import fx
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from hetero.accel_ops import REFERENCES
 from hetero.backends.triton.kernels import interpreting
@@ -38,11 +42,33 @@ def compile_partition(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Call
     on_cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor))
     if not on_cpu:
         return compile_fx(gm, list(example_inputs), config_patches=dict(_CONFIG_PATCHES))
-    decompositions = None if interpreting() else {**select_decomp_table(), **_references()}
-    # AOTAutograd's cache keys on the graph before decomposition, not on the table: without this, a
-    # partition compiled with the fused ops whole (interpreted) and one with them decomposed would
-    # share an entry. Inductor's own graph cache keys on the decomposed graph and stays on.
-    with torch._functorch.config.patch(enable_autograd_cache=False):
-        return compile_fx(
-            gm, list(example_inputs), config_patches=dict(_CONFIG_PATCHES), decompositions=decompositions
-        )
+    whole = interpreting()
+    decompositions = None if whole else {**select_decomp_table(), **_references()}
+    patches = {**_CONFIG_PATCHES, "post_grad_custom_post_pass": _CacheKey(whole)}
+    return compile_fx(gm, list(example_inputs), config_patches=patches, decompositions=decompositions)
+
+
+class _CacheKey(CustomGraphPass):
+    """Puts what the CPU decomposition depends on into the compile caches' keys; changes nothing.
+
+    AOTAutograd's cache keys on the graph before decomposition, not on the decomposition table: a
+    partition compiled with the fused ops whole (interpreted) and one with them decomposed would share
+    an entry, and so would two versions of a reference. A custom pass's `uuid()` is part of both
+    AOTAutograd's and Inductor's keys, so this one carries the mode and a hash of the references'
+    source."""
+
+    def __init__(self, whole: bool) -> None:
+        self.whole = whole
+
+    def __call__(self, graph: fx.Graph) -> None:
+        return None
+
+    def uuid(self) -> str:
+        return f"hetero-accel-ops:{'whole' if self.whole else 'decomposed'}:{_references_hash()}"
+
+
+@functools.cache
+def _references_hash() -> str:
+    import hetero.accel_ops
+
+    return hashlib.sha256(inspect.getsource(hetero.accel_ops).encode()).hexdigest()[:16]
