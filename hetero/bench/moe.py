@@ -22,6 +22,7 @@ copied, nothing freed);
 
 from __future__ import annotations
 
+import copy
 import gc
 import statistics
 import time
@@ -196,6 +197,20 @@ def _kt_kernel(layer: torch.nn.Module, top_k: int, max_tokens: int) -> tuple[Any
     return peer, info
 
 
+def _compiled_copy(layer: torch.nn.Module, fmt: str) -> Callable[[Step], object]:
+    """hetero at `fmt` on a copy of `layer`, made and compiled at the first call (so that one copy
+    at a time is at full precision)."""
+    compiled: list[Callable[[Step], object]] = []
+
+    def call(step: Step) -> object:
+        if not compiled:
+            own = copy.deepcopy(layer)
+            compiled.append(_on_hidden(torch.compile(own, backend="hetero", options={"host_dtype": fmt})))
+        return compiled[0](step)
+
+    return call
+
+
 def run(
     tokens: tuple[int, ...] = TOKENS,
     repeats: int = 9,
@@ -244,8 +259,9 @@ def run(
             "inductor": _on_hidden(torch.compile(layer)),
         }
         for fmt in HETERO_FORMATS:
-            compiled = torch.compile(layer, backend="hetero", options={"host_dtype": fmt})
-            variants[f"hetero {fmt}"] = _on_hidden(compiled)
+            # Each on a copy of its own: compiling hands its 8/4-bit data over to the layer it compiles
+            # (the layer's experts become that format), and the baselines must keep bf16 weights.
+            variants[f"hetero {fmt}"] = _compiled_copy(layer, fmt)
         peer_variants: dict[str, Callable[[Step], object]] = {}
         if peer is not None:
             kt_info["unavailable"] = dict(peer.unavailable)

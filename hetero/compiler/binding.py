@@ -22,15 +22,27 @@ from typing import Any
 
 
 @dataclass
+class Offer:
+    """A kernel this compile built whose data can be its weights' only copy: `tensors` maps placeholder
+    names to what each parameter's data becomes (backend-specific; the driver hands it over to the
+    model, and ParamValues.replace carries the memo over, so later compiles reuse the kernel)."""
+
+    kernel: Any
+    tensors: dict[str, Any]
+
+
+@dataclass
 class Binding:
     packed: list[Any] = field(default_factory=list)  # the kernels, kept alive by the compiled model
     weights: list[str] = field(default_factory=list)  # placeholders whose values now live in the kernels
     kernels: list[dict[str, object]] = field(default_factory=list)  # one report row per kernel
+    offers: list[Offer] = field(default_factory=list)
 
     def __iadd__(self, other: Binding) -> Binding:
         self.packed += other.packed
         self.weights += other.weights
         self.kernels += other.kernels
+        self.offers += other.offers
         return self
 
 

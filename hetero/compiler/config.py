@@ -188,12 +188,13 @@ class HeteroConfig:
         None,
         parse_deprecated(
             "host kernels read the model's own weights in place where their format is the model's "
-            "(bf16 and fp32 experts and linears), so nothing is held twice and nothing needs freeing; "
-            "formats that need a copy (int8) keep the model's weights too, so the model always runs "
-            "eagerly after compile"
+            "(bf16 and fp32 experts and linears), and with host_dtype int8/int4 the converted data "
+            "becomes the parameter's only copy (a PackedParameter that still runs eagerly), so nothing "
+            "is held twice and nothing needs freeing; the model always runs eagerly after compile"
         ),
         "deprecated, does nothing (a FutureWarning says what replaced it): host kernels read the "
-        "model's own weights in place, and compiling never changes or frees them",
+        "model's own bf16/fp32 weights in place, and 8/4-bit data becomes the parameter's only copy "
+        "(a `PackedParameter` that still runs eagerly): compiling never breaks the module",
         shown="`None`",
     )
     dump_dir: str | None = option(

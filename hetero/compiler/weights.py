@@ -63,6 +63,19 @@ class ParamValues:
             raise HeteroError(f"no real value for parameter input %{name}")
         return self._tensors[name]
 
+    def replace(self, name: str, tensor: torch.Tensor) -> None:
+        """Placeholder `name`'s value is now `tensor`, which stands for the same weights (the model's
+        parameter became a PackedParameter): what was memoised about the old tensor holds for it too."""
+        old = self._tensors[name]
+        self._tensors[name] = tensor
+        for ref, table in list(_MEMO.values()):
+            for (key, ids), value in list(table.items()):
+                if id(old) in ids:
+                    first = tensor if ids[0] == id(old) else ref()
+                    if first is not None:
+                        renamed = tuple(id(tensor) if i == id(old) else i for i in ids)
+                        _table(first)[(key, renamed)] = value
+
     def memo(self, key: tuple[Any, ...], names: Sequence[str], compute: Callable[[], T]) -> T:
         """compute() once per (key, parameter objects); later compiles of the same model reuse it."""
         tensors = [self._tensors[n] for n in names if n in self._tensors]

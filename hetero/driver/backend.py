@@ -16,6 +16,7 @@ import torch
 from torch import fx
 
 from hetero import transformers_compat
+from hetero.backends.onednn.packed_param import PackedParameter
 from hetero.compiler.config import HeteroConfig, Target
 from hetero.compiler.errors import ConfigError, FallbackError, HeteroError
 from hetero.compiler.guards import check_arguments, index_checks
@@ -97,7 +98,26 @@ def _compile_graph(
 
     from torch._dynamo.backends.common import aot_autograd  # lazy: `import hetero` stays without Dynamo
 
-    return aot_autograd(fw_compiler=inference_compiler)(gm, example_inputs)
+    return aot_autograd(fw_compiler=inference_compiler)(gm, _plain(example_inputs))
+
+
+def _plain(example_inputs: Sequence[Any]) -> list[Any]:
+    """The inputs AOTAutograd traces: a parameter hetero holds in an 8/4-bit host format (a
+    PackedParameter, backends/onednn/packed_param.py) as a plain fake tensor of its shape and dtype, so
+    the graph is the model's as written and binding finds its kernel; it is not unwrapped into its
+    quantised data. Calls still pass the PackedParameter, which only host kernels read."""
+    if not any(isinstance(t, PackedParameter) for t in example_inputs):
+        return list(example_inputs)
+    from torch._guards import detect_fake_mode
+
+    fake_mode = detect_fake_mode(example_inputs)
+    assert fake_mode is not None, "Dynamo compiles under a fake mode"
+
+    def stand_in(t: PackedParameter) -> torch.Tensor:
+        with fake_mode:
+            return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+
+    return [stand_in(t) if isinstance(t, PackedParameter) else t for t in example_inputs]
 
 
 def _compile_for_autograd(

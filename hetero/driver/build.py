@@ -23,7 +23,7 @@ from torch._dynamo.exc import RestartAnalysis
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from hetero.backends import eager, inductor
-from hetero.backends.onednn import probe
+from hetero.backends.onednn import PackedParameter, hand_over, probe
 from hetero.compiler import meta
 from hetero.compiler.binding import Binding
 from hetero.compiler.config import HeteroConfig, Target
@@ -157,8 +157,60 @@ def bind(build: Build) -> PassResult:
                 binder = importlib.import_module(name)
                 if ops & set(binder.OPS):
                     build.binding += binder.bind(sub, build.values)
+        handed = _hand_over(build)
     kernels = build.binding.kernels
-    return PassResult(build.gm, bool(kernels), {"host_kernels": len(kernels)})
+    stats = {"host_kernels": len(kernels), **({"handed_over": handed} if handed else {})}
+    return PassResult(build.gm, bool(kernels), stats)
+
+
+def _hand_over(build: Build) -> int:
+    """Where a kernel's 8/4-bit data can be a weight's only copy, the model's parameter becomes a
+    PackedParameter over it (backends/onednn/packed_param.py): the bf16 tensor is freed once this compile
+    lets go of it. Only weights that nothing but host kernels reads in this graph; the kernel's report
+    row counts the bytes handed over. Returns how many parameters were."""
+    if not build.binding.offers:
+        return 0
+    model = calling_model()
+    unread = _read_by_host_kernels_only(build.gm)
+    position = {n.name: i for i, n in enumerate(build.gm.graph.nodes) if n.op == "placeholder"}
+    rows = {id(k): row for k, row in zip(build.binding.packed, build.binding.kernels, strict=True)}
+    handed = 0
+    for offer in build.binding.offers:
+        moved = 0
+        for name, matrices in offer.tensors.items():
+            # A weight already packed (compiled before at another format) keeps its data: this kernel's
+            # is a second copy. Replacing it mid-compile would also fail Dynamo's guards on it.
+            if name not in unread or isinstance(build.values.get(name), PackedParameter):
+                continue
+            param = hand_over(model, build.values.get(name), matrices)
+            if param is None:
+                continue
+            build.values.replace(name, param)
+            build.weights[position[name]] = param
+            moved += param.packed_bytes
+            handed += 1
+        if moved:
+            rows[id(offer.kernel)]["handed_over_bytes"] = moved
+    return handed
+
+
+def _read_by_host_kernels_only(gm: fx.GraphModule) -> set[str]:
+    """Placeholders of `gm` that no compiled partition reads (host kernels hold their values)."""
+    unread = set()
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        readers = []
+        for user in node.users:
+            if user.op != "call_module":
+                readers.append(user)
+                continue
+            sub = getattr(gm, user.target)
+            inner = [p for p in sub.graph.nodes if p.op == "placeholder"]
+            readers += [inner[i] for i, a in enumerate(user.args) if a is node and inner[i].users]
+        if not readers:
+            unread.add(node.name)
+    return unread
 
 
 def _is_hetero_op(target: object) -> bool:

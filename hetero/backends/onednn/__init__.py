@@ -18,11 +18,12 @@ from torch import fx
 
 from hetero.backends.onednn.isa import probe
 from hetero.backends.onednn.moe import PackedLinear, PackedMoe
+from hetero.backends.onednn.packed_param import PackedParameter, adoptable, hand_over
 from hetero.compiler import meta
-from hetero.compiler.binding import HANDLES, Binding
+from hetero.compiler.binding import HANDLES, Binding, Offer
 from hetero.compiler.weights import ParamValues
 
-__all__ = ["OPS", "PackedLinear", "PackedMoe", "bind", "probe"]
+__all__ = ["OPS", "PackedLinear", "PackedMoe", "PackedParameter", "bind", "hand_over", "probe"]
 
 # The ops this backend binds (hetero.compiler.binding).
 OPS = ("host_moe", "host_linear")
@@ -67,6 +68,11 @@ def bind(sub: fx.GraphModule, values: ParamValues) -> Binding:
             _structure(kernel.recipe),
         )
         packed = values.memo(key, kernel.params, build)
+        if built and adoptable(packed.matrices):
+            # 8/4-bit data the model's parameters can keep as their only copy (packed_param.py).
+            names = {id(values.get(n)): n for n in kernel.params}
+            offered = packed.offers([values.get(n) for n in kernel.params])
+            binding.offers.append(Offer(packed, {names[id(t)]: m for t, m in offered}))
         node.update_arg(len(node.args) - 1, HANDLES.register(packed))
         binding.packed.append(packed)
         binding.weights.extend(kernel.params)

@@ -126,6 +126,15 @@ class Int8Matrix(HostMatrix):
         self.scale = scale.to(torch.bfloat16)
         self.nbytes = self.q.numel() + self.scale.numel() * 2
 
+    @classmethod
+    def from_native(cls, packed: native.Int8Weight) -> Int8Matrix:
+        """A matrix over weights already in the native format (a view of a PackedParameter's data)."""
+        self = cls.__new__(cls)
+        HostMatrix.__init__(self)
+        self.out_features, self.in_features = packed.shape
+        self.native, self.nbytes = packed, packed.nbytes
+        return self
+
     def kernel_for(self, rows: int) -> str:
         if self.native is not None:
             return "native-int8"
@@ -180,6 +189,17 @@ class Int4Matrix(HostMatrix):
         zero = lo + 8 * scale
         self.scales_zeros = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
         self.nbytes = self.packed.numel() + self.scales_zeros.numel() * 2
+
+    @classmethod
+    def from_native(cls, packed: native.Int4Weight, in_features: int) -> Int4Matrix:
+        """A matrix over weights already in the native format, K padded to the group (`in_features`
+        is the model's K)."""
+        self = cls.__new__(cls)
+        HostMatrix.__init__(self)
+        self.out_features, self.in_features = packed.shape[0], in_features
+        self.group_size, self.pad_k = packed.group_size, packed.shape[1] - in_features
+        self.native, self.nbytes = packed, packed.nbytes
+        return self
 
     def kernel_for(self, rows: int) -> str:
         return "aten-int4pack" if self.native is None else "native-int4"

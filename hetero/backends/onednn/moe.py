@@ -4,8 +4,10 @@ Weights are held once. Where the format is the model's (bf16 or fp32 experts who
 are adjacent in memory, as in transformers' fused `gate_up_proj`), the kernel reads the model's own
 tensors in place: gate and up as one [2I, H] view, down as it is. Elsewhere (int8, int4, GPT-OSS's
 interleaved gate/up, separate gate and up tensors) each expert is converted, one at a time, gate and
-up fused into one [2I, H] matrix; the model keeps its own copy, so it still runs eagerly (the report
-counts those bytes as `packed_bytes`).
+up fused into one [2I, H] matrix (the report counts those bytes as `packed_bytes`). Where a model
+tensor's expert slices are exactly the kernel's matrices (`offers`), the driver hands the native 8/4-bit
+data over to the model as that parameter's only copy (packed_param.py); otherwise the model keeps its
+own copy, so it still runs eagerly.
 
 A call groups the token-expert pairs by expert and runs, per expert with tokens, one gate_up GEMM
 and one down GEMM, each through the kernel its format picks for that many rows; SiLU·up, the
@@ -80,6 +82,8 @@ class PackedMoe(_Held):
         self.inter, self.hidden = expert_weight(gate, 0).shape
         self.gate_up: list[HostMatrix] = []
         self.down: list[HostMatrix] = []
+        # Per expert, where its gate_up and down matrices came from in the model (see `offers`).
+        self._sources: list[tuple[_Where | None, _Where | None]] = []
         # Biases in the compute dtype; None when a projection has none.
         self.gate_up_bias: list[torch.Tensor] | None = None
         self.down_bias: list[torch.Tensor] | None = None
@@ -106,25 +110,27 @@ class PackedMoe(_Held):
             self.bias_bytes = sum(b.numel() * b.element_size() for b in held)
             for e in range(self.experts):  # one expert at a time: peak memory is one expert's plain copy
                 g, u, d = expert_weight(gate, e), expert_weight(up, e), expert_weight(down, e)
-                fused = self._adjacent(g, u)
-                owned = fused is None
-                if owned:
-                    fused = torch.cat([g, u])
-                self.gate_up.append(pack_matrix(fused, dtype, group_size=group_size, owned=owned))
+                adjacent = _adjacent(g, u)
+                in_place = adjacent is not None and dtype in ("fp32", "bf16")
+                fused = adjacent if in_place else torch.cat([g, u])
+                self.gate_up.append(pack_matrix(fused, dtype, group_size=group_size, owned=not in_place))
                 self.down.append(pack_matrix(d, dtype, group_size=group_size))
+                self._sources.append((_where(adjacent), _where(d)))
         self._own([*self.gate_up, *self.down])
 
-    def _adjacent(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
-        """gate and up as one row-major [2I, H] view when up's rows follow gate's in one storage (read in
-        place by bf16/fp32 formats); None when they must be concatenated."""
-        if self.dtype not in ("fp32", "bf16"):
-            return None
-        if not (g.is_contiguous() and u.is_contiguous() and g.dtype == u.dtype):
-            return None
-        same = g.untyped_storage().data_ptr() == u.untyped_storage().data_ptr()
-        if not same or u.storage_offset() != g.storage_offset() + g.numel():
-            return None
-        return torch.as_strided(g, (g.shape[0] + u.shape[0], g.shape[1]), (g.shape[1], 1))
+    def offers(self, tensors: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, list[HostMatrix]]]:
+        """The stacked [E, N, K] tensors among `tensors` whose every expert slice is exactly one of this
+        kernel's matrices (transformers' fused gate_up_proj, down_proj), each with those matrices: what
+        a PackedParameter can take over (packed_param.py)."""
+        found = []
+        for t in tensors:
+            if t.dim() != 3 or t.shape[0] != self.experts:
+                continue
+            slices = [_where(t[e]) for e in range(self.experts)]
+            for side, matrices in ((0, self.gate_up), (1, self.down)):
+                if slices == [src[side] for src in self._sources]:
+                    found.append((t, matrices))
+        return found
 
     def __call__(
         self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
@@ -168,6 +174,25 @@ class PackedMoe(_Held):
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
+def _adjacent(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
+    """gate and up as one row-major [2I, H] view when up's rows follow gate's in one storage; None when
+    they must be concatenated."""
+    if not (g.is_contiguous() and u.is_contiguous() and g.dtype == u.dtype):
+        return None
+    same = g.untyped_storage().data_ptr() == u.untyped_storage().data_ptr()
+    if not same or u.storage_offset() != g.storage_offset() + g.numel():
+        return None
+    return torch.as_strided(g, (g.shape[0] + u.shape[0], g.shape[1]), (g.shape[1], 1))
+
+
+# A view's place in memory: (data pointer, shape, strides, dtype).
+_Where = tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype]
+
+
+def _where(t: torch.Tensor | None) -> _Where | None:
+    return None if t is None else (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+
+
 def _readable(t: torch.Tensor, compute: torch.dtype) -> bool:
     """Whether a bf16/fp32 kernel reads the model's tensor as it lies."""
     return t.dtype == compute and t.device.type == "cpu" and t.is_contiguous()
@@ -187,9 +212,8 @@ def _host_moe(
 
 
 class PackedLinear(_Held):
-    """Linears sharing an input, in a host format: the model's own weights read in place when they are
-    already in the format (one GEMM each, outputs side by side), else converted as one [sum N, K]
-    matrix (and one bias)."""
+    """Linears sharing an input, in a host format, one matrix each (outputs side by side): the model's
+    own weights read in place when they are already in the format, else converted."""
 
     def __init__(
         self,
@@ -203,27 +227,19 @@ class PackedLinear(_Held):
         compute = COMPUTE[dtype]
         self.dtype = dtype
         self.compute = compute
-        self.bias: torch.Tensor | None = None
         with torch.no_grad():
-            if dtype in ("fp32", "bf16") and all(
-                _readable(t, compute) for t in (*weights, *biases) if t is not None
-            ):
-                self._own([pack_matrix(w, dtype) for w in weights])
-                self.biases: list[torch.Tensor | None] = list(biases)
-                return
-            owned = len(weights) > 1
-            fused = torch.cat([w.to("cpu") for w in weights]) if owned else weights[0]
-            self._own([pack_matrix(fused, dtype, group_size=group_size, owned=owned)])
-            self.biases = [None]
-            if any(b is not None for b in biases):
-                self.bias = torch.cat(
-                    [
-                        (b if b is not None else torch.zeros(w.shape[0])).to("cpu", compute)
-                        for w, b in zip(weights, biases, strict=True)
-                    ]
-                )
-                self.bias_bytes = self.bias.numel() * self.bias.element_size()
-                self.biases = [self.bias]
+            self._own([pack_matrix(w, dtype, group_size=group_size) for w in weights])
+            self._sources = [_where(w) for w in weights]
+            self.biases: list[torch.Tensor | None] = [
+                None if b is None else b if _readable(b, compute) else b.to("cpu", compute) for b in biases
+            ]
+            held = [b for b, own in zip(self.biases, biases, strict=True) if b is not None and b is not own]
+            self.bias_bytes = sum(b.numel() * b.element_size() for b in held)
+
+    def offers(self, tensors: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, list[HostMatrix]]]:
+        """The weights among `tensors` that one of this kernel's matrices is exactly (see PackedMoe)."""
+        where = {src: m for src, m in zip(self._sources, self.matrices, strict=True)}
+        return [(t, [where[_where(t)]]) for t in tensors if t.dim() == 2 and _where(t) in where]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.to(self.compute)
