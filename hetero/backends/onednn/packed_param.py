@@ -86,8 +86,10 @@ class PackedParameter(torch.Tensor):
         group = getattr(first.native, "group_size", 0)
         packing = (first.format, tuple(like.shape), like.dtype, first.in_features, group)
         if like.dim() == 3:
-            qweight = torch.stack([m.native.qweight for m in matrices])
-            scales = torch.stack([m.native.scales for m in matrices])
+            qweight, scales = (
+                _stack(m.native.qweight for m in matrices),
+                _stack(m.native.scales for m in matrices),
+            )
         else:
             qweight, scales = first.native.qweight, first.native.scales
         packed = cls(qweight, scales, packing)
@@ -197,6 +199,23 @@ class PackedParameter(torch.Tensor):
                     fresh = native.pack_int8(w)
                 m.native.qweight.copy_(fresh.qweight)
                 m.native.scales.copy_(fresh.scales)
+
+
+def _stack(pieces: Any) -> torch.Tensor:
+    """The pieces as one [E, ...] tensor: the tensor they are consecutive views of (PackedMoe packs into
+    one), else a stacked copy."""
+    pieces = list(pieces)
+    base = pieces[0]._base
+    if (
+        base is not None
+        and base.shape[0] == len(pieces)
+        and base.is_contiguous()
+        and all(
+            p.data_ptr() == base[e].data_ptr() and p.shape == base.shape[1:] for e, p in enumerate(pieces)
+        )
+    ):
+        return base
+    return torch.stack(pieces)
 
 
 def _inner(args: Any) -> list[torch.Tensor]:
