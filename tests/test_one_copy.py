@@ -275,3 +275,37 @@ def test_an_int4_module_survives_a_graph_break_and_the_cache_size_limit(int4_mod
             (ids,) = built.make_inputs(seq=seq, seed=seq)
             assert rel_error(_logits(compiled, ids), _logits(plain, ids)) <= 5e-2
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_a_packed_parameter_dequantises_what_eager_ops_touch(fmt: str) -> None:
+    """Without compiling: a PackedParameter over one kernel's matrices, indexed and used as eager code
+    would, against the same values dequantised up front."""
+    from hetero.backends import native
+    from hetero.backends.onednn import PackedParameter, hand_over
+    from hetero.backends.onednn.formats import pack_matrix
+
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.why_unavailable()}")
+    g = torch.Generator().manual_seed(3)
+    stacked = torch.randn(4, 48, 64, generator=g, dtype=torch.bfloat16)
+    module = torch.nn.Module()
+    module.w = torch.nn.Parameter(stacked.clone(), requires_grad=False)
+    matrices = [pack_matrix(e, fmt) for e in module.w]
+    param = hand_over(module, module.w, matrices)
+    assert isinstance(module.w, PackedParameter) and module.w is param and param.packed_bytes > 0
+    plain = param.dequantize()
+    assert plain.shape == stacked.shape and plain.dtype == torch.bfloat16
+    assert rel_error(plain, stacked) <= (1e-2 if fmt == "int8" else 0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(param[2], plain[2]) and torch.equal(param[-1], plain[3])
+        ids = torch.tensor([[3, 0], [1, 1]])
+        assert torch.equal(param[ids], plain[ids])
+        mask = torch.tensor([True, False, True, False])
+        assert torch.equal(param[mask], plain[mask])
+        x = torch.randn(5, 64, generator=g, dtype=torch.bfloat16)
+        assert torch.equal(x @ param[1].t(), x @ plain[1].t())
+        assert torch.equal(param * 2, plain * 2)
+    assert torch.equal(copy.deepcopy(param).dequantize(), plain)
+    assert torch.equal(module.state_dict()["w"], plain)

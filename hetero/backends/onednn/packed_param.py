@@ -150,6 +150,8 @@ class PackedParameter(torch.Tensor):
             and func is _aten.index.Tensor
             and len(args[1]) == 1
             and args[1][0] is not None
+            and not args[1][0].is_floating_point()
+            and args[1][0].dtype != torch.bool
             and not isinstance(args[1][0], torch._subclasses.FakeTensor)
         ):
             ids = args[1][0]
