@@ -25,10 +25,11 @@ from typing import Any
 class Offer:
     """A kernel this compile built whose data can be its weights' only copy: `tensors` maps placeholder
     names to what each parameter's data becomes (backend-specific; the driver hands it over to the
-    model, and ParamValues.replace carries the memo over, so later compiles reuse the kernel)."""
+    model, and ParamValues.replace carries the memo over, so later compiles reuse the kernel). `row` is
+    the kernel's report row, where the driver counts the bytes handed over."""
 
-    kernel: Any
     tensors: dict[str, Any]
+    row: dict[str, object]
 
 
 @dataclass

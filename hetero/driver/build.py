@@ -173,7 +173,6 @@ def _hand_over(build: Build) -> int:
     model = calling_model()
     unread = _read_by_host_kernels_only(build.gm)
     position = {n.name: i for i, n in enumerate(build.gm.graph.nodes) if n.op == "placeholder"}
-    rows = {id(k): row for k, row in zip(build.binding.packed, build.binding.kernels, strict=True)}
     handed = 0
     for offer in build.binding.offers:
         moved = 0
@@ -190,7 +189,7 @@ def _hand_over(build: Build) -> int:
             moved += param.packed_bytes
             handed += 1
         if moved:
-            rows[id(offer.kernel)]["handed_over_bytes"] = moved
+            offer.row["handed_over_bytes"] = moved
     return handed
 
 

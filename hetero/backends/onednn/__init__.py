@@ -68,11 +68,6 @@ def bind(sub: fx.GraphModule, values: ParamValues) -> Binding:
             _structure(kernel.recipe),
         )
         packed = values.memo(key, kernel.params, build)
-        if built and adoptable(packed.matrices):
-            # 8/4-bit data the model's parameters can keep as their only copy (packed_param.py).
-            names = {id(values.get(n)): n for n in kernel.params}
-            offered = packed.offers([values.get(n) for n in kernel.params])
-            binding.offers.append(Offer(packed, {names[id(t)]: m for t, m in offered}))
         node.update_arg(len(node.args) - 1, HANDLES.register(packed))
         binding.packed.append(packed)
         binding.weights.extend(kernel.params)
@@ -81,20 +76,24 @@ def bind(sub: fx.GraphModule, values: ParamValues) -> Binding:
             if kernel.kind == "moe"
             else {"linears": kernel.experts}
         )
-        binding.kernels.append(
-            {
-                "region": str(meta.region(node)),
-                "kind": kernel.kind,
-                "backend": kernel.backend,
-                "dtype": kernel.dtype,
-                **count,
-                "packed_bytes": packed.nbytes,
-                "in_place_bytes": getattr(packed, "in_place_bytes", 0),
-                "built": bool(built),
-                # {kernel: {rows: calls}}, filled as the model runs (the kernel's own dict)
-                "ran": getattr(packed, "ran", {}),
-            }
-        )
+        row: dict[str, object] = {
+            "region": str(meta.region(node)),
+            "kind": kernel.kind,
+            "backend": kernel.backend,
+            "dtype": kernel.dtype,
+            **count,
+            "packed_bytes": packed.nbytes,
+            "in_place_bytes": getattr(packed, "in_place_bytes", 0),
+            "built": bool(built),
+            # {kernel: {rows: calls}}, filled as the model runs (the kernel's own dict)
+            "ran": getattr(packed, "ran", {}),
+        }
+        binding.kernels.append(row)
+        if built and adoptable(packed.matrices):
+            # 8/4-bit data the model's parameters can keep as their only copy (packed_param.py).
+            names = {id(values.get(n)): n for n in kernel.params}
+            offered = packed.offers([values.get(n) for n in kernel.params])
+            binding.offers.append(Offer({names[id(t)]: m for t, m in offered}, row))
     if binding.packed:
         sub.recompile()
     return binding

@@ -30,7 +30,7 @@ import torch
 from torch.utils._pytree import tree_map_only
 
 from hetero.backends import native
-from hetero.backends.onednn.formats import HostMatrix, Int4Matrix, Int8Matrix
+from hetero.backends.onednn.formats import HostMatrix, Int4Matrix, Int8Matrix, pack_matrix
 
 __all__ = ["PackedParameter", "adoptable", "hand_over"]
 
@@ -193,12 +193,7 @@ class PackedParameter(torch.Tensor):
         pieces = [source] if self.dim() == 2 else list(source)
         with torch.no_grad():
             for m, w in zip(self.matrices, pieces, strict=True):
-                w = w.to("cpu")
-                if fmt == "int4":
-                    pad = m.native.shape[1] - w.shape[1]
-                    fresh = native.pack_int4(torch.nn.functional.pad(w, (0, pad)), group)
-                else:
-                    fresh = native.pack_int8(w)
+                fresh = pack_matrix(w.to("cpu"), fmt, group_size=group).native
                 m.native.qweight.copy_(fresh.qweight)
                 m.native.scales.copy_(fresh.scales)
 
