@@ -18,7 +18,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from hetero.backends.onednn.formats import CROSSOVER_ROWS, FORMATS, pack_matrix
+from hetero.backends import native
+from hetero.backends.onednn.formats import CROSSOVER_ROWS, FORMATS, NATIVE_BF16_ROWS, grouped, pack_matrix
 from hetero.backends.onednn.moe import PackedMoe
 
 Quantise = Callable[[torch.Tensor], torch.Tensor]
@@ -71,7 +72,8 @@ def _weights(n: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("rows", [1, 3, 8, 9, 33])  # both sides of the weight-only crossover (8)
+# Both sides of the weight-only crossover (8) and of the native bf16 kernel's (2).
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 33])
 @pytest.mark.parametrize("shape", [(96, 128), (50, 40)])  # (50, 40): odd N, K not a multiple of the group
 def test_format_matches_plain_pytorch(fmt: str, rows: int, shape: tuple[int, int]) -> None:
     n, k = shape
@@ -91,6 +93,8 @@ def test_format_matches_plain_pytorch(fmt: str, rows: int, shape: tuple[int, int
     assert matrix.ran[kernel] == {rows: 1}
     if fmt == "int8" and rows > CROSSOVER_ROWS["int8"]:  # ATen's GEMV only up to its crossover
         assert kernel in ("native-int8", "dequant+mm")
+    if fmt == "bf16" and native.bf16_available():
+        assert (kernel == "native-bf16") == (rows <= NATIVE_BF16_ROWS), kernel
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4", "int8-dynamic"])
@@ -110,6 +114,27 @@ def test_bf16_reads_the_models_weight_in_place() -> None:
     matrix = pack_matrix(w, "bf16")
     assert matrix.in_place_bytes == w.numel() * 2 and matrix.nbytes == 0
     assert matrix.dequantize().data_ptr() == w.data_ptr()
+
+
+@pytest.mark.parametrize("counts", [[1, 0, 2, 1], [0, 3, 1, 0], [0, 0, 0, 0]])
+@pytest.mark.parametrize("fmt", ["bf16", "int4"])
+def test_grouped_rows_match_each_matrix(counts: list[int], fmt: str) -> None:
+    """Rows in groups times one matrix each (a MoE layer's experts): one native call over all of them
+    when every group has at most NATIVE_BF16_ROWS rows (bf16), else each matrix's own kernel."""
+    weights = [_weights(96, 160, torch.bfloat16, seed=i) for i in range(len(counts))]
+    matrices = [pack_matrix(w, fmt) for w in weights]
+    x = torch.randn(sum(counts), 160, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    y = grouped(matrices, x, counts)
+    assert y.shape == (sum(counts), 96) and y.dtype == torch.bfloat16
+    start = 0
+    for m, w, n in zip(matrices, weights, counts, strict=True):
+        if n:
+            ref = x[start : start + n].float() @ (w.float() if fmt == "bf16" else m.dequantize().float()).t()
+            assert _rel(y[start : start + n], ref) <= (1e-2 if fmt == "bf16" else 2e-2)
+        start += n
+    if fmt == "bf16" and native.bf16_available() and any(counts):
+        native_calls = all("native-bf16" in m.ran for m, n in zip(matrices, counts, strict=True) if n)
+        assert native_calls == (max(counts) <= NATIVE_BF16_ROWS)
 
 
 def _moe(x, ids, weights, gate, up, down, quantise_x: Quantise = lambda t: t):

@@ -1,4 +1,4 @@
-"""hetero.backends.native: the int8 / int4 weight-only linears against plain PyTorch.
+"""hetero.backends.native: the int8 / int4 weight-only linears and the bf16 linear against plain PyTorch.
 
 Two references on fresh random inputs: the exact one (the activations quantised per block of 32 as the
 kernel does, times the dequantised weights, in float64), which the kernel must meet up to its one bf16
@@ -136,6 +136,43 @@ def test_bf16_weights_leading_dims_strided_rows_and_threads() -> None:
         torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def bf16_kernel() -> None:
+    if not native.bf16_available():
+        pytest.skip("this CPU lacks AVX-512 BF16: the native bf16 linear does not run here")
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize(("n", "k"), [(37, 256), (101, 96), (9, 33), (8, 2049)])
+def test_bf16_matches_float64_up_to_one_rounding(bf16_kernel: None, m: int, n: int, k: int) -> None:
+    """Every row count (1 to 4 per pass over the weights, and more), channel tails (n not a multiple of
+    8 or 4) and K tails (not a multiple of 32); the weight a view of rows of a wider tensor."""
+    torch.manual_seed(m * 1000 + n + k)
+    wide = torch.randn(n, k + 40, dtype=torch.bfloat16)
+    w = wide[:, 7 : 7 + k]  # rows contiguous, row stride k + 40, not 64-byte aligned
+    x = torch.randn(m, k, dtype=torch.bfloat16)
+    y = native.linear_bf16(x, w)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    exact = x.double() @ w.double().T
+    magnitude = x.double().abs() @ w.double().abs().T
+    err = (y.double() - exact).abs()
+    assert (err <= RTOL * exact.abs() + ATOL_OF_MAGNITUDE * magnitude).all()
+
+
+def test_bf16_propagates_non_finite_values_and_rejects_what_it_cannot_read(bf16_kernel: None) -> None:
+    w = torch.randn(20, 64, dtype=torch.bfloat16)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    x[1, 40] = float("nan")
+    y = native.linear_bf16(x, w)
+    assert y[1].isnan().all() and not y[[0, 2]].isnan().any()
+    with pytest.raises(RuntimeError, match="rows must be contiguous"):
+        native.linear_bf16(x, w.t().contiguous().t())
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        native.linear_bf16(x, w.float())
+    with pytest.raises(RuntimeError, match="K = 64"):
+        native.linear_bf16(x[:, :32], w)
+
+
 def test_non_finite_inputs_are_never_a_silent_result() -> None:
     w = torch.randn(20, 64)
     x = torch.randn(2, 64, dtype=torch.bfloat16)
@@ -170,6 +207,8 @@ def test_fake_tensors_give_the_output_shape() -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     packed = native.pack_int4(torch.randn(40, 64))
+    w = torch.randn(40, 64, dtype=torch.bfloat16)
     with FakeTensorMode(allow_non_fake_inputs=True):
         y = native.linear_int4(torch.empty(3, 64, dtype=torch.bfloat16), packed)
-    assert y.shape == (3, 40) and y.dtype == torch.bfloat16
+        z = native.linear_bf16(torch.empty(3, 64, dtype=torch.bfloat16), w)
+    assert y.shape == z.shape == (3, 40) and y.dtype == z.dtype == torch.bfloat16

@@ -63,6 +63,8 @@ def read_bandwidths(gib: float = 1.0, repeats: int = 5) -> dict[str, float]:
       does with a weight);
     - `onednn_gemv`: the same matrix prepacked for one row by `mkldnn._reorder_linear_weight` and read
       by `mkldnn._linear_pointwise` (hetero's host linear; absent where oneDNN has no bf16 path);
+    - `native_bf16_gemv`: hetero's native bf16 kernel on the plain matrix (AVX-512 BF16; reads as fast
+      as a plain AVX-512 load loop over the same bytes on the 2-core Xeon; absent without the kernel);
     - `sum_fp32`: `sum()` over a fp32 tensor (a reduction; on the 2-core development VM it reads about
       half of what the GEMVs read, which is why it is no longer the probe on its own).
 
@@ -73,6 +75,7 @@ def read_bandwidths(gib: float = 1.0, repeats: int = 5) -> dict[str, float]:
     readers: dict[str, Callable[[], tuple[Callable[[], object], int]]] = {
         "mv_bf16": lambda: _mv_reader(rows),
         "onednn_gemv": lambda: _onednn_reader(rows),
+        "native_bf16_gemv": lambda: _native_reader(rows),
         "sum_fp32": lambda: _sum_reader(nbytes // 4),
     }
     result = {}
@@ -96,6 +99,16 @@ def _onednn_reader(rows: int) -> tuple[Callable[[], object], int]:
     x = torch.ones(1, _PROBE_K, dtype=torch.bfloat16)
     w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(rows, _PROBE_K, dtype=torch.bfloat16), 1)
     return (lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")), rows * _PROBE_K * 2
+
+
+def _native_reader(rows: int) -> tuple[Callable[[], object], int]:
+    from hetero.backends import native
+
+    if not native.bf16_available():
+        raise RuntimeError("no native bf16 kernel here")
+    w = torch.ones(rows, _PROBE_K, dtype=torch.bfloat16)
+    x = torch.ones(1, _PROBE_K, dtype=torch.bfloat16)
+    return (lambda: native.linear_bf16(x, w)), w.numel() * 2
 
 
 def _sum_reader(numel: int) -> tuple[Callable[[], object], int]:

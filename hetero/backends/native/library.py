@@ -132,6 +132,14 @@ def _build(directory: Path) -> None:
 def _register_fakes() -> None:
     """Shapes for FakeTensor tracing, so graphs that call the linears compile."""
 
+    @torch.library.register_fake("hetero_native::linear_bf16")
+    def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.register_fake("hetero_native::linear_bf16_grouped")
+    def _(x: torch.Tensor, weights: list[torch.Tensor], counts: list[int]) -> torch.Tensor:
+        return x.new_empty(x.shape[0], weights[0].shape[0])
+
     @torch.library.register_fake("hetero_native::linear_int8")
     def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, n: int, k: int) -> torch.Tensor:
         return x.new_empty(x.shape[0], n)

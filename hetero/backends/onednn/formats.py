@@ -6,7 +6,7 @@ runs a call chosen by the call's rows.
 
 | format         | held as                                      | kernel (any rows)                         |
 | -------------- | -------------------------------------------- | ----------------------------------------- |
-| `fp32`, `bf16` | the model's own weight, in place (or a copy) | `torch.mv` (1 row), `mm(W, x.T)`          |
+| `fp32`, `bf16` | the model's own weight, in place (or a copy) | native bf16 (≤ 2 rows), `mv`, `mm`        |
 | `int8`         | int8 per output channel (symmetric)          | native VNNI; else ATen, dequantise + GEMM |
 | `int4`         | 4 bits, an fp16 scale per group (symmetric)  | native VNNI; else ATen's int4 kernel      |
 | `int8-dynamic` | int8 per output channel (symmetric)          | `torch._int_mm`, activations per token    |
@@ -15,18 +15,23 @@ The native kernels run every row count: measured on the development machine (2 t
 native int4 is 3.7x faster than bf16 `torch.mv` at 1 row and stays ahead of a bf16 GEMM on bf16 weights
 up to ~32 rows (0.62 against 0.57 ms); at 64 rows the bf16 GEMM takes half the time, but a dequantised
 bf16 copy costs a pass over the weights per call, and the torch-op dequantiser costs far more than the
-GEMM saves (docs/benchmarks.md). `CROSSOVER_ROWS` is where the ATen fallbacks switch.
+GEMM saves (docs/benchmarks.md). `CROSSOVER_ROWS` is where the ATen fallbacks switch. A bf16 weight runs
+the native bf16 kernel up to `NATIVE_BF16_ROWS` rows (1.2x `torch.mv` at one row; oneDNN's GEMM wins from
+3 rows on), else `torch.mv` at one row, `mm(W, x.T)` up to `W_LEFT_ROWS`, `mm(x, W.T)` above.
 Each matrix counts its calls per kernel and row count in `ran` ({kernel: {rows: calls}}, a dict its
 owner may share between its matrices); the report's `host_kernels` rows show it.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
+
 import torch
 
 from hetero.backends import native
 
-__all__ = ["CROSSOVER_ROWS", "FORMATS", "HostMatrix", "pack_matrix"]
+__all__ = ["CROSSOVER_ROWS", "FORMATS", "NATIVE_BF16_ROWS", "HostMatrix", "grouped", "pack_matrix"]
 
 # Formats host kernels hold weights in (the `host_dtype` option's values other than "auto").
 FORMATS = ("fp32", "bf16", "int8", "int4", "int8-dynamic")
@@ -40,6 +45,15 @@ COMPUTE = {
 # Without the native kernels: up to this many rows ATen's weight-only int8 GEMV; above, dequantise + bf16
 # GEMM (ATen's int8 kernel is 2-5x slower than that from 8 rows; its int4 kernel is used at every size).
 CROSSOVER_ROWS = {"int8": 8}
+# Up to this many rows a bf16 weight runs hetero's native kernel (measured on the 2-core AMX Xeon,
+# [2816, 2048] weights from memory: 1 row 0.46-0.48 ms against torch.mv's 0.55-0.57, 2 rows 0.52 against
+# mm's 0.51-0.58, 3 rows 0.58-0.64 against 0.50-0.53).
+NATIVE_BF16_ROWS = 2
+# Up to this many rows a plain weight's GEMM runs as (W @ x.T).T, above as x @ W.T. The first is faster
+# over few rows, but its result is column-major and callers need rows (a copy): measured on the 2-core
+# AMX Xeon, with the copy, [4096, 512] at 16 rows 187 against 197 us, at 50 rows 373 against 307, at 256
+# rows 1341 against 686 ([2816, 2048] at 256 rows: 1996 against 1632).
+W_LEFT_ROWS = 32
 
 
 class HostMatrix:
@@ -62,9 +76,13 @@ class HostMatrix:
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         n = rows.shape[0]
         kernel = self.kernel_for(n)
-        per_rows = self.ran.setdefault(kernel, {})
-        per_rows[n] = per_rows.get(n, 0) + 1
+        self.count(kernel, n)
         return self.run(kernel, rows)
+
+    def count(self, kernel: str, rows: int) -> None:
+        """Record a call of `kernel` on `rows` rows (in `ran`)."""
+        per_rows = self.ran.setdefault(kernel, {})
+        per_rows[rows] = per_rows.get(rows, 0) + 1
 
     def kernel_for(self, rows: int) -> str:
         raise NotImplementedError
@@ -91,15 +109,29 @@ class PlainMatrix(HostMatrix):
         self.nbytes, self.in_place_bytes = (size, 0) if owned else (0, size)
 
     def kernel_for(self, rows: int) -> str:
-        return "mv" if rows == 1 else "mm"
+        if rows <= NATIVE_BF16_ROWS and self.runs_native:
+            return "native-bf16"
+        if rows == 1:
+            return "mv"
+        return "mm" if rows <= W_LEFT_ROWS else "linear"
+
+    @functools.cached_property
+    def runs_native(self) -> bool:
+        """Whether the native bf16 kernel can read this weight: bf16, rows contiguous, a CPU that has it."""
+        w = self.weight
+        return w.dtype == torch.bfloat16 and w.stride(1) == 1 and native.bf16_available()
 
     def run(self, kernel: str, rows: torch.Tensor) -> torch.Tensor:
+        if kernel == "native-bf16":
+            return native.linear_bf16(rows, self.weight)
         # Measured on an AMX Xeon against the same weights in oneDNN's blocked layout: one row as `torch.mv`
         # 1.6x faster (F.linear about even); more rows as (W @ rows.T).T, the weight as the left operand,
         # 1.17-1.31x faster at 2-16 rows (F.linear 0.82-0.88x).
         if kernel == "mv":
             return torch.mv(self.weight, rows[0]).unsqueeze(0)
-        return torch.mm(self.weight, rows.t()).t()
+        if kernel == "mm":
+            return torch.mm(self.weight, rows.t()).t()
+        return torch.mm(rows, self.weight.t())
 
     def dequantize(self) -> torch.Tensor:
         return self.weight
@@ -271,3 +303,26 @@ def pack_matrix(weight: torch.Tensor, fmt: str, *, group_size: int = 32, owned: 
         if fmt == "int4":
             return Int4Matrix(weight, group_size)
         return Int8DynamicMatrix(weight)
+
+
+def grouped(matrices: Sequence[HostMatrix], rows: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    """Rows in consecutive groups, counts[i] rows times matrices[i] (a MoE layer's experts): one call of
+    the native bf16 kernel over all of them when every matrix and group size can take it, else a call per
+    matrix through the kernel its format picks."""
+    present = [i for i, n in enumerate(counts) if n]
+    if not present:
+        return rows.new_empty(0, matrices[0].out_features)
+    if (
+        all(isinstance(matrices[i], PlainMatrix) and matrices[i].runs_native for i in present)
+        and max(counts) <= NATIVE_BF16_ROWS
+    ):
+        for i in present:
+            matrices[i].count("native-bf16", counts[i])
+        return native.linear_bf16_grouped(
+            rows, [matrices[i].weight for i in present], [counts[i] for i in present]
+        )
+    parts, start = [], 0
+    for i in present:
+        parts.append(matrices[i](rows[start : start + counts[i]]))
+        start += counts[i]
+    return torch.cat(parts) if len(parts) > 1 else parts[0]

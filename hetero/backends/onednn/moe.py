@@ -10,7 +10,8 @@ data over to the model as that parameter's only copy (packed_param.py); otherwis
 own copy, so it still runs eagerly.
 
 A call groups the token-expert pairs by expert and runs, per expert with tokens, one gate_up GEMM
-and one down GEMM, each through the kernel its format picks for that many rows; SiLU·up, the
+and one down GEMM, each through the kernel its format picks for that many rows (bf16 experts with
+few rows each: one native call over all of them per side, formats.grouped); SiLU·up, the
 routing weights and the scatter back to tokens run once over all pairs. Biases are added after the
 GEMMs (gate and up biases fused like their weights); the activation is any of
 `hetero.ops.ACTIVATIONS`; with weights on the input (Llama-4) the routing weight scales each pair's
@@ -24,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-from hetero.backends.onednn.formats import COMPUTE, FORMATS, HostMatrix, pack_matrix
+from hetero.backends.onednn.formats import COMPUTE, FORMATS, HostMatrix, grouped, pack_matrix
 from hetero.compiler.binding import HANDLES
 from hetero.ops import MoeForm, activation_fn, expert_bias, expert_weight, num_experts, routing
 
@@ -188,15 +189,10 @@ class PackedMoe(_Held):
         biases: list[torch.Tensor] | None,
     ) -> torch.Tensor:
         """Rows of x grouped by expert (counts[e] rows each), each group times its expert's weight."""
-        parts = []
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            y = matrices[e](x[start : start + n])
-            parts.append(y + biases[e] if biases else y)
-            start += n
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+        y = grouped(matrices, x, counts)
+        if biases:
+            y = y + torch.cat([biases[e].expand(n, -1) for e, n in enumerate(counts) if n])
+        return y
 
 
 def _adjacent(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:

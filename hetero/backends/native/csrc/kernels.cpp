@@ -21,11 +21,20 @@
 #include <vector>
 
 #define HN_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")))
+#define HN_TARGET_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
 namespace hetero_native {
 namespace {
 
 constexpr int kMaxRows = 8;  // activation rows per pass over a weight tile: 2 x 8 accumulators fit
+
+// float32 -> bf16 bits, round to nearest even; a NaN stays a (quiet) NaN.
+inline uint16_t round_bf16(float y) {
+  uint32_t u;
+  std::memcpy(&u, &y, sizeof u);
+  if (std::isnan(y)) return 0x7FC0;
+  return uint16_t((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
 
 inline int32_t load_i32(const int8_t* p) {
   int32_t v;
@@ -196,7 +205,73 @@ HN_TARGET bool quantize_group_int4(const float* x, int64_t G, uint8_t* q, uint16
   return true;
 }
 
+// bf16 x bf16 on the model's own row-major weight (no packing: the weight is read where it lies).
+// vdpbf16ps multiplies 32 bf16 pairs and adds each pair's sum into 16 float32 lanes, so one register
+// holds the partial sums of one output channel over 32 inputs; each channel's 16 lanes are added once,
+// at the end. R channels are read side by side (R streams) and each of the M activation rows is loaded
+// once per 32 inputs and reused across them: R x M accumulators, R = 8 at one row and 4 at up to 4.
+template <int R, int M>
+HN_TARGET_BF16 void bf16_channels(const uint16_t* w, int64_t ldw, const uint16_t* x, int64_t ldx, int64_t K,
+                                  uint16_t* out, int64_t ldo) {
+  __m512 acc[R][M];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512bh xv[M];
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(x + m * ldx + k);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + r * ldw + k);
+#pragma GCC unroll 4
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv, xv[m]);
+    }
+  }
+  if (k < K) {  // the last K % 32 inputs; the masked-off lanes are zeros on both sides
+    const __mmask32 mask = __mmask32((1u << (K - k)) - 1);
+    __m512bh xv[M];
+    for (int m = 0; m < M; ++m) xv[m] = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * ldx + k);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + r * ldw + k);
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv, xv[m]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) out[m * ldo + r] = round_bf16(_mm512_reduce_add_ps(acc[r][m]));
+}
+
+template <int M>
+HN_TARGET_BF16 void bf16_rows(const uint16_t* w, int64_t ldw, int64_t n0, int64_t n1, const uint16_t* x,
+                              int64_t ldx, int64_t K, uint16_t* out, int64_t ldo) {
+  constexpr int R = M <= 2 ? 8 : 4;
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) bf16_channels<R, M>(w + n * ldw, ldw, x, ldx, K, out + n, ldo);
+  for (; n < n1; ++n) bf16_channels<1, M>(w + n * ldw, ldw, x, ldx, K, out + n, ldo);
+}
+
 }  // namespace
+
+bool bf16_supported() {
+  __builtin_cpu_init();
+  return cpu_supported() && __builtin_cpu_supports("avx512bf16");
+}
+
+void linear_bf16_channels(const uint16_t* w, int64_t ldw, int64_t n0, int64_t n1, const uint16_t* x, int64_t M,
+                          int64_t K, int64_t ldx, uint16_t* out, int64_t ldo) {
+  for (int64_t m = 0; m < M; m += kBf16MaxRows) {  // more rows than 4: one pass over the weights per 4
+    const uint16_t* xm = x + m * ldx;
+    uint16_t* om = out + m * ldo;
+    switch (std::min<int64_t>(M - m, kBf16MaxRows)) {
+      case 1: bf16_rows<1>(w, ldw, n0, n1, xm, ldx, K, om, ldo); break;
+      case 2: bf16_rows<2>(w, ldw, n0, n1, xm, ldx, K, om, ldo); break;
+      case 3: bf16_rows<3>(w, ldw, n0, n1, xm, ldx, K, om, ldo); break;
+      default: bf16_rows<4>(w, ldw, n0, n1, xm, ldx, K, om, ldo); break;
+    }
+  }
+}
 
 bool cpu_supported() {
   __builtin_cpu_init();

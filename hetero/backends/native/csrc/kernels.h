@@ -1,4 +1,5 @@
-// hetero_native: weight-only int8 / int4 kernels for few rows (decode), AVX-512 VNNI.
+// hetero_native: weight-only int8 / int4 kernels for few rows (decode), AVX-512 VNNI, and a bf16 one
+// (AVX-512 BF16) on the model's own weights.
 //
 // This header knows no torch: ops.cpp owns tensors, checks and threads; kernels.cpp owns the
 // layouts and the instructions. Every function here except cpu_supported() may run only after
@@ -28,6 +29,15 @@ constexpr int64_t kInt8BlockBytes = kTile * kBlock;      // 512
 constexpr int64_t kInt4BlockBytes = kTile * kBlock / 2;  // 256
 
 bool cpu_supported();
+// cpu_supported() and AVX-512 BF16: linear_bf16_channels may run.
+bool bf16_supported();
+
+// bf16: the weight is the model's own, row-major (w[n][k] at w + n * ldw), not packed. Output channels
+// [n0, n1) for all M rows of x (bf16 bits, row m at x + m * ldx); out is bf16 bits [M][ldo]. Sums in
+// float32 (vdpbf16ps), rounded to bf16 once. Rows go 4 at a time: more rows read the weights again.
+constexpr int64_t kBf16MaxRows = 4;
+void linear_bf16_channels(const uint16_t* w, int64_t ldw, int64_t n0, int64_t n1, const uint16_t* x, int64_t M,
+                          int64_t K, int64_t ldx, uint16_t* out, int64_t ldo);
 
 // x: bf16 bits, row m at x + m * ldx, K valid columns; writes xq[nb][M][32], dx[nb][M], xc[nb][M].
 void quantize_activations(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, int32_t offset, int8_t* xq,

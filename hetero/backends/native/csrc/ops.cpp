@@ -10,6 +10,7 @@
 
 #include <atomic>
 #include <tuple>
+#include <vector>
 
 #include "kernels.h"
 
@@ -146,6 +147,73 @@ std::tuple<at::Tensor, at::Tensor> pack_int4(const at::Tensor& w_in, int64_t gro
   return {qweight, scales};
 }
 
+// Output channels per task of the bf16 kernel: 64 channels of K = 2048 are 256 KB of weights.
+constexpr int64_t kGrainChannels = 64;
+
+at::Tensor linear_bf16(const at::Tensor& x_in, const at::Tensor& weight) {
+  TORCH_CHECK(bf16_supported(), "hetero_native::linear_bf16: this CPU lacks AVX-512 BF16 (avx512_bf16)");
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16 && weight.device().is_cpu(),
+              "hetero_native::linear_bf16: weight must be a 2-D bfloat16 CPU tensor [N, K], got ",
+              weight.scalar_type(), " ", weight.sizes());
+  TORCH_CHECK(weight.stride(1) == 1 && weight.stride(0) >= weight.size(1),
+              "hetero_native::linear_bf16: weight rows must be contiguous (strides ", weight.strides(), ")");
+  const int64_t n = weight.size(0), k = weight.size(1);
+  const at::Tensor x = check_x(x_in, k, "hetero_native::linear_bf16");
+  const int64_t M = x.size(0);
+  at::Tensor out = at::empty({M, n}, x.options());
+  if (M == 0 || n == 0) return out;
+  if (k == 0) return out.zero_();
+  const auto* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  at::parallel_for(0, n, kGrainChannels, [&](int64_t n0, int64_t n1) {
+    linear_bf16_channels(w, weight.stride(0), n0, n1, xp, M, k, x.stride(0), op, n);
+  });
+  return out;
+}
+
+// Several weights, each against its own rows of x (counts[i] rows each, in order): a MoE layer's experts
+// in one call, so that one parallel pass reads all their weights (per-expert calls each start and join
+// the threads over a few MB). Tasks are 64-channel slices of all the weights together.
+at::Tensor linear_bf16_grouped(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef counts) {
+  TORCH_CHECK(bf16_supported(), "hetero_native::linear_bf16_grouped: this CPU lacks AVX-512 BF16 (avx512_bf16)");
+  TORCH_CHECK(weights.size() == counts.size() && !weights.empty(),
+              "hetero_native::linear_bf16_grouped: one count per weight (", weights.size(), " weights, ",
+              counts.size(), " counts)");
+  const int64_t n = weights[0].size(0), k = weights[0].size(1);
+  int64_t rows = 0;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const at::Tensor& w = weights[i];
+    TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.device().is_cpu() && w.size(0) == n &&
+                    w.size(1) == k && w.stride(1) == 1 && w.stride(0) >= k,
+                "hetero_native::linear_bf16_grouped: weight ", i, " must be a bfloat16 CPU [", n, ", ", k,
+                "] with contiguous rows, got ", w.scalar_type(), " ", w.sizes(), " strides ", w.strides());
+    TORCH_CHECK(counts[i] >= 0, "hetero_native::linear_bf16_grouped: negative count");
+    rows += counts[i];
+  }
+  const at::Tensor x = check_x(x_in, k, "hetero_native::linear_bf16_grouped");
+  TORCH_CHECK(x.size(0) == rows, "hetero_native::linear_bf16_grouped: x has ", x.size(0),
+              " rows, the counts add up to ", rows);
+  at::Tensor out = at::empty({rows, n}, x.options());
+  if (rows == 0 || n == 0) return out;
+  if (k == 0) return out.zero_();
+  std::vector<int64_t> first_row(weights.size());
+  for (size_t i = 0, r = 0; i < weights.size(); r += counts[i], ++i) first_row[i] = r;
+  const int64_t slices = ceil_div(n, kGrainChannels), groups = int64_t(weights.size());
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  at::parallel_for(0, groups * slices, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t g = t / slices, n0 = (t % slices) * kGrainChannels, n1 = std::min(n, n0 + kGrainChannels);
+      if (counts[g] == 0) continue;
+      const at::Tensor& w = weights[g];
+      linear_bf16_channels(reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), w.stride(0), n0, n1,
+                           xp + first_row[g] * x.stride(0), counts[g], k, x.stride(0), op + first_row[g] * n, n);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace hetero_native
 
@@ -153,6 +221,9 @@ using namespace hetero_native;
 
 TORCH_LIBRARY(hetero_native, m) {
   m.def("cpu_supported() -> bool", [] { return cpu_supported(); });
+  m.def("bf16_supported() -> bool", [] { return bf16_supported(); });
+  m.def("linear_bf16(Tensor x, Tensor weight) -> Tensor");
+  m.def("linear_bf16_grouped(Tensor x, Tensor[] weights, int[] counts) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor qweight, Tensor scales, int n, int k) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor qweight, Tensor scales, int n, int k, int group_size) -> Tensor");
   m.def("pack_int8(Tensor weight) -> (Tensor, Tensor)");
@@ -160,6 +231,8 @@ TORCH_LIBRARY(hetero_native, m) {
 }
 
 TORCH_LIBRARY_IMPL(hetero_native, CPU, m) {
+  m.impl("linear_bf16", &linear_bf16);
+  m.impl("linear_bf16_grouped", &linear_bf16_grouped);
   m.impl("linear_int8", &linear_int8);
   m.impl("linear_int4", &linear_int4);
   m.impl("pack_int8", &pack_int8);
