@@ -22,20 +22,33 @@ def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
     return statistics.median(times) * 1e3
 
 
+# Seconds of rest before each variant's turn in round_robin.
+SETTLE_S = 0.05
+
+
 def round_robin(
     variants: dict[str, Callable[[Any], object]],
     inputs: dict[Any, Any],
     repeats: int,
     between: Callable[[], None] | None = None,
+    settle_s: float = SETTLE_S,
 ) -> dict[tuple[str, Any], float]:
     """Median ms of every variant on every input, timed round-robin: each round calls each variant once
     on each input (after `between`, e.g. a machine measurement), so a machine whose speed drifts slows
-    all of them alike. Variants must be warm (compiled) before."""
+    all of them alike. Variants must be warm (compiled) before. Each variant's turn starts with a rest of
+    `settle_s` seconds and one untimed call, so that the worker threads of the variant before it have
+    stopped spinning and its own are awake: kt-kernel's pool keeps both cores busy for a while after a
+    call returns, and without this the variant after it (hetero bf16 at 1 token) measured 16.1 ms
+    instead of 7.6; with a rest alone, kt-kernel's own first call paid its pool's wake-up
+    (`hetero bench moe`, 2026-12-01). Variants stepping through a sequence of inputs see the untimed
+    call as one step of it."""
     samples: dict[tuple[str, Any], list[float]] = {(n, k): [] for n in variants for k in inputs}
     for _ in range(repeats):
         if between is not None:
             between()
         for name, fn in variants.items():
+            time.sleep(settle_s)
+            fn(next(iter(inputs.values())))  # untimed: its own threads awake, the last variant's idle
             for key, value in inputs.items():
                 start = time.perf_counter()
                 fn(value)
