@@ -117,24 +117,29 @@ def test_bf16_reads_the_models_weight_in_place() -> None:
 
 
 @pytest.mark.parametrize("counts", [[1, 0, 2, 1], [0, 3, 1, 0], [0, 0, 0, 0]])
-@pytest.mark.parametrize("fmt", ["bf16", "int4"])
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
 def test_grouped_rows_match_each_matrix(counts: list[int], fmt: str) -> None:
     """Rows in groups times one matrix each (a MoE layer's experts): one native call over all of them
-    when every group has at most NATIVE_BF16_ROWS rows (bf16), else each matrix's own kernel."""
+    (bf16 when every group has at most NATIVE_BF16_ROWS rows; int8 and int4 always), else each matrix's
+    own kernel; either way bit-equal to a call per matrix, and within the format's bound of fp32."""
     weights = [_weights(96, 160, torch.bfloat16, seed=i) for i in range(len(counts))]
     matrices = [pack_matrix(w, fmt) for w in weights]
     x = torch.randn(sum(counts), 160, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
     y = grouped(matrices, x, counts)
     assert y.shape == (sum(counts), 96) and y.dtype == torch.bfloat16
+    if native.bf16_available() and any(counts):
+        one_call = fmt != "bf16" or max(counts) <= NATIVE_BF16_ROWS
+        for m, n in zip(matrices, counts, strict=True):
+            if n:  # one grouped call, or each matrix's own kernel for its rows
+                assert m.ran == {f"native-{fmt}" if one_call else m.kernel_for(n): {n: 1}}
     start = 0
     for m, w, n in zip(matrices, weights, counts, strict=True):
         if n:
-            ref = x[start : start + n].float() @ (w.float() if fmt == "bf16" else m.dequantize().float()).t()
-            assert _rel(y[start : start + n], ref) <= (1e-2 if fmt == "bf16" else 2e-2)
+            part = x[start : start + n]
+            assert torch.equal(y[start : start + n], m(part))
+            bound = 1e-2 if fmt == "bf16" else 0.1
+            assert _rel(y[start : start + n], part.float() @ w.float().t()) <= bound
         start += n
-    if fmt == "bf16" and native.bf16_available() and any(counts):
-        native_calls = all("native-bf16" in m.ran for m, n in zip(matrices, counts, strict=True) if n)
-        assert native_calls == (max(counts) <= NATIVE_BF16_ROWS)
 
 
 def _moe(x, ids, weights, gate, up, down, quantise_x: Quantise = lambda t: t):

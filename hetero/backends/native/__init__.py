@@ -5,6 +5,7 @@
     linear_int8(x[..., K] bf16, Int8Weight) -> [..., N] bf16;  linear_int4(x, Int4Weight) likewise
     bf16_available() -> bool;  linear_bf16(x[M, K] bf16, w[N, K] bf16) -> [M, N] bf16
     linear_bf16_grouped(x[M, K], [w_i [N, K]], counts) -> [M, N]   rows of x in groups, group i times w_i
+    linear_int8_grouped(x, [Int8Weight], counts), linear_int4_grouped(x, [Int4Weight], counts): likewise
 
 Why they exist: ATen's weight-only kernels do not reach the memory bandwidth at decode on a 2-core
 AVX-512 Xeon (`_weight_int8pack_mm` is slower than bf16 `torch.mv` at one row), and decode is a pass
@@ -42,7 +43,9 @@ __all__ = [
     "linear_bf16",
     "linear_bf16_grouped",
     "linear_int4",
+    "linear_int4_grouped",
     "linear_int8",
+    "linear_int8_grouped",
     "pack_int4",
     "pack_int8",
     "why_unavailable",
@@ -91,3 +94,22 @@ def linear_int4(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
         x.reshape(-1, x.shape[-1]), w.qweight, w.scales, n, k, w.group_size
     )
     return out.view(*x.shape[:-1], n)
+
+
+def linear_int8_grouped(x: torch.Tensor, weights: list[Int8Weight], counts: list[int]) -> torch.Tensor:
+    """Rows of x in consecutive groups (counts[i] rows), group i through weights[i] (all of one shape),
+    in one parallel pass: a MoE layer's experts in one call."""
+    require()
+    n, k = weights[0].shape
+    return torch.ops.hetero_native.linear_int8_grouped(
+        x, [w.qweight for w in weights], [w.scales for w in weights], counts, n, k
+    )
+
+
+def linear_int4_grouped(x: torch.Tensor, weights: list[Int4Weight], counts: list[int]) -> torch.Tensor:
+    """As linear_int8_grouped, for int4 weights of one shape and group size."""
+    require()
+    n, k = weights[0].shape
+    return torch.ops.hetero_native.linear_int4_grouped(
+        x, [w.qweight for w in weights], [w.scales for w in weights], counts, n, k, weights[0].group_size
+    )

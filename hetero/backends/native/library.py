@@ -140,6 +140,16 @@ def _register_fakes() -> None:
     def _(x: torch.Tensor, weights: list[torch.Tensor], counts: list[int]) -> torch.Tensor:
         return x.new_empty(x.shape[0], weights[0].shape[0])
 
+    @torch.library.register_fake("hetero_native::linear_int8_grouped")
+    def _(x: torch.Tensor, qweights: list, scales: list, counts: list[int], n: int, k: int) -> torch.Tensor:
+        return x.new_empty(x.shape[0], n)
+
+    @torch.library.register_fake("hetero_native::linear_int4_grouped")
+    def _(
+        x: torch.Tensor, qweights: list, scales: list, counts: list[int], n: int, k: int, group_size: int
+    ) -> torch.Tensor:
+        return x.new_empty(x.shape[0], n)
+
     @torch.library.register_fake("hetero_native::linear_int8")
     def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, n: int, k: int) -> torch.Tensor:
         return x.new_empty(x.shape[0], n)

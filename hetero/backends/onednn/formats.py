@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -306,23 +307,39 @@ def pack_matrix(weight: torch.Tensor, fmt: str, *, group_size: int = 32, owned: 
 
 
 def grouped(matrices: Sequence[HostMatrix], rows: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
-    """Rows in consecutive groups, counts[i] rows times matrices[i] (a MoE layer's experts): one call of
-    the native bf16 kernel over all of them when every matrix and group size can take it, else a call per
-    matrix through the kernel its format picks."""
+    """Rows in consecutive groups, counts[i] rows times matrices[i] (a MoE layer's experts): one call of a
+    native kernel over all of them where every matrix can take it (bf16 up to NATIVE_BF16_ROWS rows a
+    group; native int8 and int4 at any rows), else a call per matrix through the kernel its format picks.
+    One call starts and joins the threads once for all the experts' weights, where a call per expert does
+    it for each few MB."""
     present = [i for i, n in enumerate(counts) if n]
     if not present:
         return rows.new_empty(0, matrices[0].out_features)
-    if (
-        all(isinstance(matrices[i], PlainMatrix) and matrices[i].runs_native for i in present)
-        and max(counts) <= NATIVE_BF16_ROWS
-    ):
+    kernel, call = _grouped_kernel([matrices[i] for i in present], max(counts[i] for i in present))
+    if call is not None:
         for i in present:
-            matrices[i].count("native-bf16", counts[i])
-        return native.linear_bf16_grouped(
-            rows, [matrices[i].weight for i in present], [counts[i] for i in present]
-        )
+            matrices[i].count(kernel, counts[i])
+        return call(rows, [matrices[i] for i in present], [counts[i] for i in present])
     parts, start = [], 0
     for i in present:
         parts.append(matrices[i](rows[start : start + counts[i]]))
         start += counts[i]
     return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _grouped_kernel(matrices: list[HostMatrix], most_rows: int) -> tuple[str, Any]:
+    """The native grouped kernel that can run all of `matrices` (and its name), or (.., None)."""
+    first = matrices[0]
+    shape = (first.out_features, first.in_features)
+    if any((m.out_features, m.in_features) != shape or type(m) is not type(first) for m in matrices):
+        return "", None
+    if isinstance(first, PlainMatrix):
+        if most_rows <= NATIVE_BF16_ROWS and all(m.runs_native for m in matrices):
+            return "native-bf16", lambda x, ms, c: native.linear_bf16_grouped(x, [m.weight for m in ms], c)
+    elif isinstance(first, Int8Matrix):
+        if all(m.native is not None for m in matrices):
+            return "native-int8", lambda x, ms, c: native.linear_int8_grouped(x, [m.native for m in ms], c)
+    elif isinstance(first, Int4Matrix):
+        if all(m.native is not None and not m.pad_k for m in matrices):
+            return "native-int4", lambda x, ms, c: native.linear_int4_grouped(x, [m.native for m in ms], c)
+    return "", None

@@ -10,8 +10,9 @@ data over to the model as that parameter's only copy (packed_param.py); otherwis
 own copy, so it still runs eagerly.
 
 A call groups the token-expert pairs by expert and runs, per expert with tokens, one gate_up GEMM
-and one down GEMM, each through the kernel its format picks for that many rows (bf16 experts with
-few rows each: one native call over all of them per side, formats.grouped); SiLU·up, the
+and one down GEMM, each through the kernel its format picks for that many rows (with the native
+kernels, one call over all the experts per side: int8 and int4 always, bf16 when each expert has at
+most 2 rows; formats.grouped); SiLU·up, the
 routing weights and the scatter back to tokens run once over all pairs. Biases are added after the
 GEMMs (gate and up biases fused like their weights); the activation is any of
 `hetero.ops.ACTIVATIONS`; with weights on the input (Llama-4) the routing weight scales each pair's

@@ -214,6 +214,78 @@ at::Tensor linear_bf16_grouped(const at::Tensor& x_in, at::TensorList weights, a
   return out;
 }
 
+// Weight-only int8 / int4 over several weights of one shape, each against its own rows of x (counts[i]
+// rows, in order): a MoE layer's experts in one call, as linear_bf16_grouped. Each group's rows are
+// quantised on their own (as a call per weight would), then one parallel pass runs every group's tiles.
+template <typename Tiles>
+at::Tensor linear_quant_grouped(const char* op, const at::Tensor& x_in, at::TensorList qweights,
+                                at::TensorList scales, at::IntArrayRef counts, int64_t n, int64_t k, int32_t offset,
+                                at::ScalarType scale_type, at::IntArrayRef qweight_shape,
+                                at::IntArrayRef scale_shape, int64_t nb, const Tiles& tiles_fn) {
+  check_supported();
+  TORCH_CHECK(qweights.size() == counts.size() && scales.size() == counts.size() && !counts.empty(), op,
+              ": one qweight, one scales and one count per group (", qweights.size(), ", ", scales.size(), ", ",
+              counts.size(), ")");
+  int64_t rows = 0;
+  for (size_t i = 0; i < counts.size(); ++i) {
+    check_packed(qweights[i], at::kByte, qweight_shape, op);
+    check_packed(scales[i], scale_type, scale_shape, op);
+    TORCH_CHECK(counts[i] >= 0, op, ": negative count");
+    rows += counts[i];
+  }
+  const at::Tensor x = check_x(x_in, k, op);
+  TORCH_CHECK(x.size(0) == rows, op, ": x has ", x.size(0), " rows, the counts add up to ", rows);
+  at::Tensor out = at::empty({rows, n}, x.options());
+  if (rows == 0 || n == 0) return out;
+  const int64_t groups = int64_t(counts.size()), tiles = ceil_div(n, kTile), chunks = ceil_div(tiles, kGrainTiles);
+  std::vector<Activations> acts(groups);
+  std::vector<int64_t> first_row(groups);
+  for (int64_t g = 0, r = 0; g < groups; r += counts[g], ++g) {
+    first_row[g] = r;
+    if (counts[g] > 0) acts[g] = quantize(x.narrow(0, r, counts[g]), nb, offset);
+  }
+  auto* op_out = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  at::parallel_for(0, groups * chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t g = c / chunks, t0 = (c % chunks) * kGrainTiles, t1 = std::min(tiles, t0 + kGrainTiles);
+      if (counts[g] == 0) continue;
+      const Activations& a = acts[g];
+      tiles_fn(qweights[g], scales[g], t0, t1, a, counts[g], op_out + first_row[g] * n);
+    }
+  });
+  return out;
+}
+
+at::Tensor linear_int8_grouped(const at::Tensor& x, at::TensorList qweights, at::TensorList scales,
+                               at::IntArrayRef counts, int64_t n, int64_t k) {
+  const int64_t tiles = ceil_div(n, kTile), nb = ceil_div(k, kBlock);
+  return linear_quant_grouped(
+      "hetero_native::linear_int8_grouped", x, qweights, scales, counts, n, k, 128, at::kFloat,
+      {tiles, nb, kInt8BlockBytes}, {tiles * kTile}, nb,
+      [&](const at::Tensor& q, const at::Tensor& sc, int64_t t0, int64_t t1, const Activations& a, int64_t M,
+          uint16_t* out) {
+        linear_int8_tiles(q.data_ptr<uint8_t>(), sc.data_ptr<float>(), nb, t0, t1, a.xq.data_ptr<int8_t>(),
+                          a.dx.data_ptr<float>(), a.xc.data_ptr<int32_t>(), M, out, n, n);
+      });
+}
+
+at::Tensor linear_int4_grouped(const at::Tensor& x, at::TensorList qweights, at::TensorList scales,
+                               at::IntArrayRef counts, int64_t n, int64_t k, int64_t group_size) {
+  TORCH_CHECK(group_size > 0 && group_size % kBlock == 0 && k % group_size == 0,
+              "hetero_native::linear_int4_grouped: group_size ", group_size, " must be a multiple of ", kBlock,
+              " that divides K = ", k);
+  const int64_t tiles = ceil_div(n, kTile), nb = k / kBlock;
+  return linear_quant_grouped(
+      "hetero_native::linear_int4_grouped", x, qweights, scales, counts, n, k, 8, at::kHalf,
+      {tiles, nb, kInt4BlockBytes}, {tiles, k / group_size, kTile}, nb,
+      [&](const at::Tensor& q, const at::Tensor& sc, int64_t t0, int64_t t1, const Activations& a, int64_t M,
+          uint16_t* out) {
+        linear_int4_tiles(q.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>()), nb,
+                          group_size / kBlock, t0, t1, a.xq.data_ptr<int8_t>(), a.dx.data_ptr<float>(),
+                          a.xc.data_ptr<int32_t>(), M, out, n, n);
+      });
+}
+
 }  // namespace
 }  // namespace hetero_native
 
@@ -225,6 +297,9 @@ TORCH_LIBRARY(hetero_native, m) {
   m.def("linear_bf16(Tensor x, Tensor weight) -> Tensor");
   m.def("linear_bf16_grouped(Tensor x, Tensor[] weights, int[] counts) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor qweight, Tensor scales, int n, int k) -> Tensor");
+  m.def("linear_int8_grouped(Tensor x, Tensor[] qweights, Tensor[] scales, int[] counts, int n, int k) -> Tensor");
+  m.def("linear_int4_grouped(Tensor x, Tensor[] qweights, Tensor[] scales, int[] counts, int n, int k, "
+        "int group_size) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor qweight, Tensor scales, int n, int k, int group_size) -> Tensor");
   m.def("pack_int8(Tensor weight) -> (Tensor, Tensor)");
   m.def("pack_int4(Tensor weight, int group_size) -> (Tensor, Tensor)");
@@ -234,6 +309,8 @@ TORCH_LIBRARY_IMPL(hetero_native, CPU, m) {
   m.impl("linear_bf16", &linear_bf16);
   m.impl("linear_bf16_grouped", &linear_bf16_grouped);
   m.impl("linear_int8", &linear_int8);
+  m.impl("linear_int8_grouped", &linear_int8_grouped);
+  m.impl("linear_int4_grouped", &linear_int4_grouped);
   m.impl("linear_int4", &linear_int4);
   m.impl("pack_int8", &pack_int8);
   m.impl("pack_int4", &pack_int4);
