@@ -15,6 +15,9 @@ STAMP  := $(VENV)/.hetero-installed
 TORCH_SPEC ?= torch==2.13.0
 # pytest-xdist workers for `make test` (one per core; each worker runs torch with one thread).
 TEST_WORKERS ?= auto
+# --dist loadgroup: tests marked with one xdist_group run on one worker (they share what they compute);
+# --durations: the slowest tests, so that a suite growing past its 10 minutes shows where.
+PYTEST_FLAGS ?= --dist loadgroup --durations=15
 
 .PHONY: venv demo test test-slow gpu-check lint clean peers
 
@@ -48,10 +51,10 @@ test: venv
 	$(call system_package,chromium,chromium,the test that renders report.html in a browser is skipped)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) $(PYTEST_FLAGS) -m "not slow"
 
 test-slow: venv
-	$(PY) -m pytest -q -n $(TEST_WORKERS) -m slow
+	$(PY) -m pytest -q -n $(TEST_WORKERS) $(PYTEST_FLAGS) -m slow
 
 # The GPU machines reach no registry: their python3 holds torch, and the script installs hetero
 # into it with `pip install -e . --no-deps`. Without CUDA it lists its steps and exits 0.
