@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -57,46 +58,6 @@ void check_packed(const at::Tensor& t, at::ScalarType dtype, at::IntArrayRef siz
   TORCH_CHECK(t.scalar_type() == dtype && t.sizes() == sizes && t.is_contiguous() && t.device().is_cpu(), what,
               " must be a contiguous CPU ", dtype, " tensor of shape ", sizes, ", got ", t.scalar_type(), " ",
               t.sizes(), t.is_contiguous() ? "" : " (not contiguous)");
-}
-
-at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales, int64_t n,
-                       int64_t k) {
-  check_supported();
-  const at::Tensor x = check_x(x_in, k, "hetero_native::linear_int8");
-  const int64_t tiles = ceil_div(n, kTile), nb = ceil_div(k, kBlock), M = x.size(0);
-  check_packed(qweight, at::kByte, {tiles, nb, kInt8BlockBytes}, "linear_int8: qweight");
-  check_packed(scales, at::kFloat, {tiles * kTile}, "linear_int8: scales");
-  at::Tensor out = at::empty({M, n}, x.options());
-  if (M == 0 || n == 0) return out;
-  const Activations a = quantize(x, nb, 128);
-  at::parallel_for(0, tiles, kGrainTiles, [&](int64_t t0, int64_t t1) {
-    linear_int8_tiles(qweight.data_ptr<uint8_t>(), scales.data_ptr<float>(), nb, t0, t1, a.xq.data_ptr<int8_t>(),
-                      a.dx.data_ptr<float>(), a.xc.data_ptr<int32_t>(), M,
-                      reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), n, n);
-  });
-  return out;
-}
-
-at::Tensor linear_int4(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales, int64_t n,
-                       int64_t k, int64_t group_size) {
-  check_supported();
-  const at::Tensor x = check_x(x_in, k, "hetero_native::linear_int4");
-  TORCH_CHECK(group_size > 0 && group_size % kBlock == 0 && k % group_size == 0,
-              "hetero_native::linear_int4: group_size ", group_size, " must be a multiple of ", kBlock,
-              " that divides K = ", k);
-  const int64_t tiles = ceil_div(n, kTile), nb = k / kBlock, M = x.size(0);
-  check_packed(qweight, at::kByte, {tiles, nb, kInt4BlockBytes}, "linear_int4: qweight");
-  check_packed(scales, at::kHalf, {tiles, k / group_size, kTile}, "linear_int4: scales");
-  at::Tensor out = at::empty({M, n}, x.options());
-  if (M == 0 || n == 0) return out;
-  const Activations a = quantize(x, nb, 8);
-  at::parallel_for(0, tiles, kGrainTiles, [&](int64_t t0, int64_t t1) {
-    linear_int4_tiles(qweight.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
-                      nb, group_size / kBlock, t0, t1, a.xq.data_ptr<int8_t>(), a.dx.data_ptr<float>(),
-                      a.xc.data_ptr<int32_t>(), M, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), n,
-                      n);
-  });
-  return out;
 }
 
 at::Tensor check_w(const at::Tensor& w_in, const char* op) {
@@ -150,50 +111,30 @@ std::tuple<at::Tensor, at::Tensor> pack_int4(const at::Tensor& w_in, int64_t gro
 // Output channels per task of the bf16 kernel: 64 channels of K = 2048 are 256 KB of weights.
 constexpr int64_t kGrainChannels = 64;
 
-at::Tensor linear_bf16(const at::Tensor& x_in, const at::Tensor& weight) {
-  TORCH_CHECK(bf16_supported(), "hetero_native::linear_bf16: this CPU lacks AVX-512 BF16 (avx512_bf16)");
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16 && weight.device().is_cpu(),
-              "hetero_native::linear_bf16: weight must be a 2-D bfloat16 CPU tensor [N, K], got ",
-              weight.scalar_type(), " ", weight.sizes());
-  TORCH_CHECK(weight.stride(1) == 1 && weight.stride(0) >= weight.size(1),
-              "hetero_native::linear_bf16: weight rows must be contiguous (strides ", weight.strides(), ")");
-  const int64_t n = weight.size(0), k = weight.size(1);
-  const at::Tensor x = check_x(x_in, k, "hetero_native::linear_bf16");
-  const int64_t M = x.size(0);
-  at::Tensor out = at::empty({M, n}, x.options());
-  if (M == 0 || n == 0) return out;
-  if (k == 0) return out.zero_();
-  const auto* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
-  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  at::parallel_for(0, n, kGrainChannels, [&](int64_t n0, int64_t n1) {
-    linear_bf16_channels(w, weight.stride(0), n0, n1, xp, M, k, x.stride(0), op, n);
-  });
-  return out;
-}
-
 // Several weights, each against its own rows of x (counts[i] rows each, in order): a MoE layer's experts
 // in one call, so that one parallel pass reads all their weights (per-expert calls each start and join
-// the threads over a few MB). Tasks are 64-channel slices of all the weights together.
-at::Tensor linear_bf16_grouped(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef counts) {
-  TORCH_CHECK(bf16_supported(), "hetero_native::linear_bf16_grouped: this CPU lacks AVX-512 BF16 (avx512_bf16)");
-  TORCH_CHECK(weights.size() == counts.size() && !weights.empty(),
-              "hetero_native::linear_bf16_grouped: one count per weight (", weights.size(), " weights, ",
-              counts.size(), " counts)");
+// the threads over a few MB). Tasks are 64-channel slices of all the weights together. One weight with
+// all of x's rows is linear_bf16.
+at::Tensor bf16_grouped(const char* op, const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef counts) {
+  TORCH_CHECK(bf16_supported(), op, ": this CPU lacks AVX-512 BF16 (avx512_bf16)");
+  TORCH_CHECK(weights.size() == counts.size() && !weights.empty(), op, ": one count per weight (",
+              weights.size(), " weights, ", counts.size(), " counts)");
+  TORCH_CHECK(weights[0].dim() == 2, op, ": weight must be 2-D [N, K], got ", weights[0].sizes());
   const int64_t n = weights[0].size(0), k = weights[0].size(1);
   int64_t rows = 0;
   for (size_t i = 0; i < weights.size(); ++i) {
     const at::Tensor& w = weights[i];
     TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.device().is_cpu() && w.size(0) == n &&
-                    w.size(1) == k && w.stride(1) == 1 && w.stride(0) >= k,
-                "hetero_native::linear_bf16_grouped: weight ", i, " must be a bfloat16 CPU [", n, ", ", k,
-                "] with contiguous rows, got ", w.scalar_type(), " ", w.sizes(), " strides ", w.strides());
-    TORCH_CHECK(counts[i] >= 0, "hetero_native::linear_bf16_grouped: negative count");
+                    w.size(1) == k,
+                op, ": weight ", i, " must be a bfloat16 CPU tensor [", n, ", ", k, "], got ", w.scalar_type(),
+                " ", w.sizes());
+    TORCH_CHECK(w.stride(1) == 1 && w.stride(0) >= k, op, ": weight ", i, " rows must be contiguous (strides ",
+                w.strides(), ")");
+    TORCH_CHECK(counts[i] >= 0, op, ": negative count");
     rows += counts[i];
   }
-  const at::Tensor x = check_x(x_in, k, "hetero_native::linear_bf16_grouped");
-  TORCH_CHECK(x.size(0) == rows, "hetero_native::linear_bf16_grouped: x has ", x.size(0),
-              " rows, the counts add up to ", rows);
+  const at::Tensor x = check_x(x_in, k, op);
+  TORCH_CHECK(x.size(0) == rows, op, ": x has ", x.size(0), " rows, the counts add up to ", rows);
   at::Tensor out = at::empty({rows, n}, x.options());
   if (rows == 0 || n == 0) return out;
   if (k == 0) return out.zero_();
@@ -201,22 +142,35 @@ at::Tensor linear_bf16_grouped(const at::Tensor& x_in, at::TensorList weights, a
   for (size_t i = 0, r = 0; i < weights.size(); r += counts[i], ++i) first_row[i] = r;
   const int64_t slices = ceil_div(n, kGrainChannels), groups = int64_t(weights.size());
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  auto* op_out = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   at::parallel_for(0, groups * slices, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t g = t / slices, n0 = (t % slices) * kGrainChannels, n1 = std::min(n, n0 + kGrainChannels);
       if (counts[g] == 0) continue;
       const at::Tensor& w = weights[g];
       linear_bf16_channels(reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), w.stride(0), n0, n1,
-                           xp + first_row[g] * x.stride(0), counts[g], k, x.stride(0), op + first_row[g] * n, n);
+                           xp + first_row[g] * x.stride(0), counts[g], k, x.stride(0), op_out + first_row[g] * n,
+                           n);
     }
   });
   return out;
 }
 
+// x's rows, or 0 where x is not 2-D (check_x then says so).
+int64_t rows_of(const at::Tensor& x) { return x.dim() == 2 ? x.size(0) : 0; }
+
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight) {
+  return bf16_grouped("hetero_native::linear_bf16", x, {weight}, {rows_of(x)});
+}
+
+at::Tensor linear_bf16_grouped(const at::Tensor& x, at::TensorList weights, at::IntArrayRef counts) {
+  return bf16_grouped("hetero_native::linear_bf16_grouped", x, weights, counts);
+}
+
 // Weight-only int8 / int4 over several weights of one shape, each against its own rows of x (counts[i]
 // rows, in order): a MoE layer's experts in one call, as linear_bf16_grouped. Each group's rows are
 // quantised on their own (as a call per weight would), then one parallel pass runs every group's tiles.
+// One weight with all of x's rows is linear_int8 / linear_int4.
 template <typename Tiles>
 at::Tensor linear_quant_grouped(const char* op, const at::Tensor& x_in, at::TensorList qweights,
                                 at::TensorList scales, at::IntArrayRef counts, int64_t n, int64_t k, int32_t offset,
@@ -228,8 +182,8 @@ at::Tensor linear_quant_grouped(const char* op, const at::Tensor& x_in, at::Tens
               counts.size(), ")");
   int64_t rows = 0;
   for (size_t i = 0; i < counts.size(); ++i) {
-    check_packed(qweights[i], at::kByte, qweight_shape, op);
-    check_packed(scales[i], scale_type, scale_shape, op);
+    check_packed(qweights[i], at::kByte, qweight_shape, (std::string(op) + ": qweight").c_str());
+    check_packed(scales[i], scale_type, scale_shape, (std::string(op) + ": scales").c_str());
     TORCH_CHECK(counts[i] >= 0, op, ": negative count");
     rows += counts[i];
   }
@@ -256,11 +210,11 @@ at::Tensor linear_quant_grouped(const char* op, const at::Tensor& x_in, at::Tens
   return out;
 }
 
-at::Tensor linear_int8_grouped(const at::Tensor& x, at::TensorList qweights, at::TensorList scales,
-                               at::IntArrayRef counts, int64_t n, int64_t k) {
+at::Tensor int8_grouped(const char* op, const at::Tensor& x, at::TensorList qweights, at::TensorList scales,
+                        at::IntArrayRef counts, int64_t n, int64_t k) {
   const int64_t tiles = ceil_div(n, kTile), nb = ceil_div(k, kBlock);
   return linear_quant_grouped(
-      "hetero_native::linear_int8_grouped", x, qweights, scales, counts, n, k, 128, at::kFloat,
+      op, x, qweights, scales, counts, n, k, 128, at::kFloat,
       {tiles, nb, kInt8BlockBytes}, {tiles * kTile}, nb,
       [&](const at::Tensor& q, const at::Tensor& sc, int64_t t0, int64_t t1, const Activations& a, int64_t M,
           uint16_t* out) {
@@ -269,14 +223,13 @@ at::Tensor linear_int8_grouped(const at::Tensor& x, at::TensorList qweights, at:
       });
 }
 
-at::Tensor linear_int4_grouped(const at::Tensor& x, at::TensorList qweights, at::TensorList scales,
-                               at::IntArrayRef counts, int64_t n, int64_t k, int64_t group_size) {
-  TORCH_CHECK(group_size > 0 && group_size % kBlock == 0 && k % group_size == 0,
-              "hetero_native::linear_int4_grouped: group_size ", group_size, " must be a multiple of ", kBlock,
-              " that divides K = ", k);
+at::Tensor int4_grouped(const char* op, const at::Tensor& x, at::TensorList qweights, at::TensorList scales,
+                        at::IntArrayRef counts, int64_t n, int64_t k, int64_t group_size) {
+  TORCH_CHECK(group_size > 0 && group_size % kBlock == 0 && k % group_size == 0, op, ": group_size ", group_size,
+              " must be a multiple of ", kBlock, " that divides K = ", k);
   const int64_t tiles = ceil_div(n, kTile), nb = k / kBlock;
   return linear_quant_grouped(
-      "hetero_native::linear_int4_grouped", x, qweights, scales, counts, n, k, 8, at::kHalf,
+      op, x, qweights, scales, counts, n, k, 8, at::kHalf,
       {tiles, nb, kInt4BlockBytes}, {tiles, k / group_size, kTile}, nb,
       [&](const at::Tensor& q, const at::Tensor& sc, int64_t t0, int64_t t1, const Activations& a, int64_t M,
           uint16_t* out) {
@@ -284,6 +237,26 @@ at::Tensor linear_int4_grouped(const at::Tensor& x, at::TensorList qweights, at:
                           group_size / kBlock, t0, t1, a.xq.data_ptr<int8_t>(), a.dx.data_ptr<float>(),
                           a.xc.data_ptr<int32_t>(), M, out, n, n);
       });
+}
+
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t n,
+                       int64_t k) {
+  return int8_grouped("hetero_native::linear_int8", x, {qweight}, {scales}, {rows_of(x)}, n, k);
+}
+
+at::Tensor linear_int8_grouped(const at::Tensor& x, at::TensorList qweights, at::TensorList scales,
+                               at::IntArrayRef counts, int64_t n, int64_t k) {
+  return int8_grouped("hetero_native::linear_int8_grouped", x, qweights, scales, counts, n, k);
+}
+
+at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t n,
+                       int64_t k, int64_t group_size) {
+  return int4_grouped("hetero_native::linear_int4", x, {qweight}, {scales}, {rows_of(x)}, n, k, group_size);
+}
+
+at::Tensor linear_int4_grouped(const at::Tensor& x, at::TensorList qweights, at::TensorList scales,
+                               at::IntArrayRef counts, int64_t n, int64_t k, int64_t group_size) {
+  return int4_grouped("hetero_native::linear_int4_grouped", x, qweights, scales, counts, n, k, group_size);
 }
 
 }  // namespace
