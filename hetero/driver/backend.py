@@ -22,9 +22,11 @@ from hetero.compiler.errors import ConfigError, FallbackError, HeteroError
 from hetero.compiler.guards import check_arguments, index_checks
 from hetero.compiler.pipeline import Diagnostics
 from hetero.compiler.report import Report, publish
+from hetero.driver import decode_shapes
 from hetero.driver import publish as out
 from hetero.driver.build import compile_inference
 from hetero.driver.capture import anchor_module_paths, flat_inputs, graph_name
+from hetero.driver.split_experts import calling_model
 
 # Experts loops that break Dynamo's graph (DBRX) trace as one hetero.moe_experts, for hetero's graphs only.
 transformers_compat.install()
@@ -42,11 +44,29 @@ def hetero_backend(
     Options are therefore validated at the first call, not at `torch.compile(...)`: Dynamo hands a
     backend its options only when it compiles a graph. A `HeteroError` raised here reaches the caller
     as itself (see `_through_dynamo`), so `except hetero.ConfigError` works around the model call.
+
+    At the first graph of a model, hetero watches the model's calls with a KV cache (decode_shapes.py):
+    when this call passes one, its sizes are marked dynamic and Dynamo traces the frame again, so a
+    generation compiles one prefill graph and one decode graph for every batch size and length.
     """
     try:
+        _watch_calling_model(options)
         return _compile_graph(gm, example_inputs, options, mode)
     except HeteroError as e:
         raise _through_dynamo(e) from e.__cause__
+
+
+def _watch_calling_model(options: dict[str, Any] | None) -> None:
+    """Install decode_shapes' hooks on the model being compiled, once; raise decode_shapes.trace_again()
+    when the call being traced passes a KV cache (its sizes are marked now: the hooks come too late)."""
+    model = calling_model()
+    if model is None or decode_shapes.watched(model):
+        return
+    # A graph split into micro-batches needs a static batch (passes/batching).
+    dynamic_batch = HeteroConfig.build(options).micro_batches == 1
+    decode_shapes.watch(model, dynamic_batch)
+    if decode_shapes.mark_current_call(model, dynamic_batch):
+        raise decode_shapes.trace_again()
 
 
 def _through_dynamo(error: HeteroError) -> HeteroError:
