@@ -3,13 +3,16 @@
 model = torch.compile(model, backend="hetero", options={...})
 hetero.explain(model, *example_inputs, **options)   # what runs where, and why
 hetero.reset(model)                                 # retry the GPU after a fault sent work to the CPU
+model = hetero.load_pretrained(folder, accel="cpu", host_dtype="int4")  # a checkpoint, packed as read
 """
 
 from __future__ import annotations
 
+from hetero.checkpoint import LoadReport, load_pretrained
 from hetero.compiler.capability import register_op_roles
 from hetero.compiler.config import HeteroConfig
 from hetero.compiler.errors import (
+    CheckpointError,
     CollectiveError,
     ConfigError,
     FallbackError,
@@ -24,15 +27,18 @@ from hetero.runtime.executor import reset
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
     "CollectiveError",
     "ConfigError",
     "FallbackError",
     "HeteroConfig",
     "HeteroError",
+    "LoadReport",
     "PassError",
     "PlacementError",
     "Report",
     "explain",
+    "load_pretrained",
     "register_op_roles",
     "reset",
 ]

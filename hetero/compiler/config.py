@@ -161,7 +161,8 @@ class HeteroConfig:
         "auto",
         parse_choice("auto", "fp32", "bf16", "int8", "int4", "int8-dynamic"),
         (
-            'the format of the weights host kernels read: `"auto"` = the model\'s dtype (fp32 or bf16), '
+            'the format of the weights host kernels read: `"auto"` = the model\'s dtype (fp32 or bf16), or '
+            "the format `hetero.load_pretrained` packed them in; "
             '`"fp32"`, `"bf16"`, `"int8"` (weight-only, a scale per output channel), `"int4"` (weight-only, '
             'a scale per `host_group_size` weights), `"int8-dynamic"` (int8 weights and activations, '
             "the activations quantised per token at each call). On a CPU accel every linear on a weight "

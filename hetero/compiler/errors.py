@@ -48,3 +48,8 @@ class CollectiveError(HeteroError):
 
 class TargetError(HeteroError):
     """A CLI TARGET (zoo:NAME or path/to/file.py:factory) could not be loaded."""
+
+
+class CheckpointError(HeteroError):
+    """A checkpoint folder hetero cannot load: a missing or truncated file, a missing tensor, a wrong shape
+    or dtype. The message names the file and the tensor; nothing was loaded when it is raised."""

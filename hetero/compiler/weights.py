@@ -63,6 +63,10 @@ class ParamValues:
             raise HeteroError(f"no real value for parameter input %{name}")
         return self._tensors[name]
 
+    def overridden(self, tensors: Mapping[str, torch.Tensor]) -> ParamValues:
+        """These values with some replaced (stand-ins for a computation that must not touch the real ones)."""
+        return ParamValues({**self._tensors, **tensors})
+
     def replace(self, name: str, tensor: torch.Tensor) -> None:
         """Placeholder `name`'s value is now `tensor`, which stands for the same weights (the model's
         parameter became a PackedParameter): what was memoised about the old tensor holds for it too."""

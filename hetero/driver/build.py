@@ -158,6 +158,7 @@ def bind(build: Build) -> PassResult:
                 if ops & set(binder.OPS):
                     build.binding += binder.bind(sub, build.values)
         handed = _hand_over(build)
+        _check_packed_reads(build)
     kernels = build.binding.kernels
     stats = {"host_kernels": len(kernels), **({"handed_over": handed} if handed else {})}
     return PassResult(build.gm, bool(kernels), stats)
@@ -191,6 +192,33 @@ def _hand_over(build: Build) -> int:
         if moved:
             offer.row["handed_over_bytes"] = moved
     return handed
+
+
+def _check_packed_reads(build: Build) -> None:
+    """A weight held packed (a PackedParameter: loaded by hetero.load_pretrained, or handed over by an
+    earlier compile) that this graph reads outside the host kernels running its data is dequantised at
+    every call: recorded as a fallback (an error under strict), never silent."""
+    running = {id(m) for packed in build.binding.packed for m in getattr(packed, "matrices", ())}
+    unread = _read_by_host_kernels_only(build.gm)
+    for name in [n.name for n in build.gm.graph.nodes if n.op == "placeholder"]:
+        value = build.values.get(name) if name in build.values else None
+        if not isinstance(value, PackedParameter):
+            continue
+        if name in unread and all(id(m) in running for m in value.matrices):
+            continue
+        fqn = meta.param(next(n for n in build.gm.graph.nodes if n.name == name))
+        why = (
+            "its host kernel runs another format, so it holds a second copy"
+            if name in unread
+            else "this graph reads it outside the host kernels, so it is dequantised at every call"
+        )
+        build.ctx.diagnostics.fallback(
+            "bind",
+            fqn.fqn if fqn is not None else f"%{name}",
+            f"the weight is held packed ({value.format}) and {why}",
+            hint=f'host_dtype="{value.format}" (or "auto"), or load the model at the dtype it runs in',
+            error=FallbackError,
+        )
 
 
 def _read_by_host_kernels_only(gm: fx.GraphModule) -> set[str]:

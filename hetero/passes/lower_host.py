@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from hetero.backends.onednn.packed_param import PackedParameter
 from hetero.compiler import meta
 from hetero.compiler.ops import transfer
 from hetero.compiler.pipeline import PassContext, PassResult
@@ -153,13 +154,45 @@ class _Recipe:
         return tuple(self.names), fx.GraphModule(torch.nn.Module(), self.graph)
 
 
-def _host_dtype(ctx: PassContext, x: fx.Node, quantise: bool = True) -> str | None:
-    """The host format for a kernel reading `x`: host_dtype, or the model's dtype for "auto" and, when
-    `quantise` is False (MoE routers), for the int formats; None when the model's dtype has no format."""
+def _host_dtype(
+    ctx: PassContext, x: fx.Node, quantise: bool = True, loaded: tuple[str, int] | None = None
+) -> str | None:
+    """The host format for a kernel reading `x`: host_dtype, or for "auto" the format its weights were
+    loaded in (`loaded`, see `_loaded`) or else the model's dtype; the model's dtype for the int formats
+    when `quantise` is False (MoE routers); None when the model's dtype has no format."""
     dtype = ctx.config.host_dtype
+    if dtype == "auto" and loaded is not None:
+        return loaded[0]
     if dtype == "auto" or (not quantise and dtype not in ("fp32", "bf16")):
         return _DTYPES.get(meta.val(x).dtype)
     return dtype
+
+
+def _loaded(
+    ctx: PassContext, sub: fx.GraphModule, call: fx.Node, weights: list[Any]
+) -> tuple[str, int] | None:
+    """(format, int4 group size) when every weight value reads, through views, a parameter that
+    hetero.load_pretrained packed as it read the checkpoint (a PackedParameter), all in one format; then
+    host_dtype "auto" runs that format and the kernel runs the packed data as it is. None otherwise."""
+    inputs = [p for p in sub.graph.nodes if p.op == "placeholder"]
+    found = set()
+    for value in weights:
+        stack = [value] if isinstance(value, fx.Node) else []
+        while stack:
+            node = stack.pop()
+            if node.op == "call_function" and is_zero_copy(node):
+                stack.extend(node.all_input_nodes)
+                continue
+            if node.op != "placeholder":
+                return None
+            source = call.args[inputs.index(node)]
+            if isinstance(source, fx.Node) and source.target is transfer:
+                source = source.args[0]
+            tensor = ctx.params.get(source.name) if source.name in ctx.params else None
+            if not isinstance(tensor, PackedParameter):
+                return None
+            found.add((tensor.format, tensor.packing[4]))
+    return found.pop() if len(found) == 1 else None
 
 
 def _plan(node: fx.Node, sub: fx.GraphModule, call: fx.Node, ctx: PassContext) -> HostKernel | str:
@@ -173,7 +206,8 @@ def _plan(node: fx.Node, sub: fx.GraphModule, call: fx.Node, ctx: PassContext) -
     if ctx.target.expert_parallel_ranks and (form != MoeForm() or any(b is not None for b in biases)):
         what = f"{form}" + (" with biases" if any(b is not None for b in biases) else "")
         return f"the expert-parallel kernel computes SiLU experts without biases, not {what}"
-    dtype = _host_dtype(ctx, hidden)
+    loaded = _loaded(ctx, sub, call, [*a["gate"], *a["up"], *a["down"]])
+    dtype = _host_dtype(ctx, hidden, loaded=loaded)
     if dtype is None:
         return f"hidden states are {meta.val(hidden).dtype}; host kernels compute in fp32 or bf16"
     recipe = _Recipe(sub, call)
@@ -190,9 +224,8 @@ def _plan(node: fx.Node, sub: fx.GraphModule, call: fx.Node, ctx: PassContext) -
     names, graph = recipe.finish(tuple(lists))
     gate = a["gate"]
     experts = len(gate) if len(gate) > 1 else meta.size_hint(meta.val(gate[0]).shape[0])
-    return HostKernel(
-        "moe", "onednn", dtype, names, graph, experts, form=form, group_size=ctx.config.host_group_size
-    )
+    group = loaded[1] if loaded is not None and loaded[0] == dtype == "int4" else ctx.config.host_group_size
+    return HostKernel("moe", "onednn", dtype, names, graph, experts, form=form, group_size=group)
 
 
 def _record_local_experts(sub: fx.GraphModule, ctx: PassContext) -> None:
@@ -264,10 +297,14 @@ def _lower_linears(sub: fx.GraphModule, call: fx.Node, ctx: PassContext) -> int:
         if parts is None:
             continue
         x = parts[0]
-        dtype = _host_dtype(ctx, x, quantise=not _routes(node))
+        loaded = _loaded(ctx, sub, call, [parts[1]])
+        dtype = _host_dtype(ctx, x, quantise=not _routes(node), loaded=loaded)
         if dtype is None:
             continue
-        key = (*_same_value_key(x), dtype)
+        group = (
+            loaded[1] if loaded is not None and loaded[0] == dtype == "int4" else ctx.config.host_group_size
+        )
+        key = (*_same_value_key(x), dtype, group)
         groups.setdefault(key, []).append((node, *parts))
         dtypes[key] = dtype
     lowered = 0
@@ -280,9 +317,7 @@ def _lower_linears(sub: fx.GraphModule, call: fx.Node, ctx: PassContext) -> int:
         names, graph = recipe.finish((weights, biases))
         x = members[0][1]
         widths = [meta.size_hint(meta.val(n).shape[1]) for n, *_ in members]
-        kernel = HostKernel(
-            "linear", "onednn", dtypes[key], names, graph, len(members), group_size=ctx.config.host_group_size
-        )
+        kernel = HostKernel("linear", "onednn", dtypes[key], names, graph, len(members), group_size=key[-1])
         first = members[0][0]
         with sub.graph.inserting_before(first):
             fused = sub.graph.create_node(

@@ -66,6 +66,7 @@ class HostMatrix:
     in_features: int
     nbytes: int = 0
     in_place_bytes: int = 0
+    loaded: bool = False  # packed as a checkpoint was read (hetero.load_pretrained), not by a compile
 
     def __init__(self) -> None:
         self.ran: dict[str, dict[int, int]] = {}

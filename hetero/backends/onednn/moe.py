@@ -75,7 +75,10 @@ class PackedMoe(_Held):
         down_bias: Sequence[torch.Tensor] | None = None,
         form: MoeForm | None = None,
         group_size: int = 32,
+        prebuilt: Sequence[tuple[HostMatrix, HostMatrix]] | None = None,
     ) -> None:
+        """`prebuilt`: each expert's (gate_up, down) matrices, already in `dtype` (a PackedParameter's, as
+        a checkpoint was loaded): used as they are, and the weight lists give only shapes."""
         _check_format(dtype)
         self.dtype = dtype
         self.compute = COMPUTE[dtype]
@@ -113,6 +116,11 @@ class PackedMoe(_Held):
             ]
             self.bias_bytes = sum(b.numel() * b.element_size() for b in held)
             for e in range(self.experts):  # one expert at a time: peak memory is one expert's plain copy
+                if prebuilt is not None:
+                    self.gate_up.append(prebuilt[e][0])
+                    self.down.append(prebuilt[e][1])
+                    self._sources.append((None, None))
+                    continue
                 g, u, d = expert_weight(gate, e), expert_weight(up, e), expert_weight(down, e)
                 adjacent = _adjacent(g, u)
                 in_place = adjacent is not None and dtype in ("fp32", "bf16")
@@ -244,14 +252,24 @@ class PackedLinear(_Held):
         dtype: str,
         *,
         group_size: int = 32,
+        prebuilt: Sequence[HostMatrix | None] | None = None,
     ) -> None:
+        """`prebuilt[i]`: weight i's matrix already in `dtype` (a PackedParameter's), used as it is."""
         _check_format(dtype)
         compute = COMPUTE[dtype]
         self.dtype = dtype
         self.compute = compute
+        ready = list(prebuilt) if prebuilt is not None else [None] * len(weights)
         with torch.no_grad():
-            self._own([pack_matrix(w, dtype, group_size=group_size) for w in weights])
-            self._sources = [_where(w) for w in weights]
+            self._own(
+                [
+                    m if m is not None else pack_matrix(w, dtype, group_size=group_size)
+                    for w, m in zip(weights, ready, strict=True)
+                ]
+            )
+            self._sources = [
+                None if m is not None else _where(w) for w, m in zip(weights, ready, strict=True)
+            ]
             self.biases: list[torch.Tensor | None] = [
                 None if b is None else b if _readable(b, compute) else b.to("cpu", compute) for b in biases
             ]

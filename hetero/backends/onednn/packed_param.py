@@ -23,16 +23,17 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch.utils._pytree import tree_map_only
 
 from hetero.backends import native
+from hetero.backends.native.formats import TILE
 from hetero.backends.onednn.formats import HostMatrix, Int4Matrix, Int8Matrix, pack_matrix
 
-__all__ = ["PackedParameter", "adoptable", "hand_over"]
+__all__ = ["PackedParameter", "adoptable", "hand_over", "install"]
 
 _aten = torch.ops.aten
 _WARNED: set[str] = set()
@@ -97,6 +98,52 @@ class PackedParameter(torch.Tensor):
             theirs.native = mine.native
         packed.matrices = matrices  # the kernel's own objects: one `ran` count, one data
         return packed
+
+    @classmethod
+    def pack(
+        cls, pieces: Iterable[torch.Tensor], fmt: str, like: torch.Tensor, group_size: int = 32
+    ) -> PackedParameter:
+        """A parameter shaped like `like`, packed into `fmt` ("int8" or "int4") piece by piece straight
+        into its data (loading a checkpoint: the weight never exists whole at full precision). Pieces
+        are, in order, bands of consecutive rows (a multiple of 16 rows each but the last) of the [N, K]
+        weight, or of each expert's [N, K] matrix of a 3-D `like`, expert after expert. The caller may
+        reuse a piece's memory once the next one is asked for."""
+        if fmt not in ("int8", "int4") or not native.available():
+            raise ValueError(f"PackedParameter.pack: format {fmt!r} needs the native int8/int4 kernels")
+        experts = like.shape[0] if like.dim() == 3 else 1
+        n, k = like.shape[-2:]
+        qweight = scales = None
+        e = row = 0
+        with torch.no_grad():
+            for piece in pieces:
+                if e >= experts or row % TILE or piece.shape[1] != k:
+                    raise ValueError(
+                        f"PackedParameter.pack: piece {list(piece.shape)} at expert {e}, row {row} does not "
+                        f"fit a parameter {list(like.shape)} (bands of a multiple of {TILE} rows)"
+                    )
+                packed = pack_matrix(piece, fmt, group_size=group_size).native
+                if qweight is None:
+                    tiles = -(-n // TILE)
+                    qweight = packed.qweight.new_empty((experts, tiles, *packed.qweight.shape[1:]))
+                    per_tile = packed.scales.shape[0] // packed.qweight.shape[0]  # int8: 16 rows, int4: 1
+                    scales = packed.scales.new_empty((experts, tiles * per_tile, *packed.scales.shape[1:]))
+                first = row // TILE
+                qweight[e, first : first + packed.qweight.shape[0]] = packed.qweight
+                scales[e, first * per_tile : first * per_tile + packed.scales.shape[0]] = packed.scales
+                row += piece.shape[0]
+                if row >= n:
+                    e, row = e + 1, 0
+        if qweight is None or e != experts:
+            raise ValueError(
+                f"PackedParameter.pack: the pieces end before the parameter {list(like.shape)} is full"
+            )
+        if like.dim() == 2:
+            qweight, scales = qweight[0], scales[0]
+        packing = (fmt, tuple(like.shape), like.dtype, k, group_size if fmt == "int4" else 0)
+        param = cls(qweight, scales, packing)
+        for m in param.matrices:
+            m.loaded = True
+        return param
 
     # -- what it holds -----------------------------------------------------------------------------
 
@@ -254,7 +301,12 @@ def hand_over(
     if owner is None:
         return None
     module, name = owner
-    param = torch.nn.Parameter(PackedParameter.adopt(matrices, tensor), requires_grad=False)
+    return install(module, name, PackedParameter.adopt(matrices, tensor))
+
+
+def install(module: torch.nn.Module, name: str, packed: PackedParameter) -> PackedParameter:
+    """`packed` as `module`'s parameter `name` (its state dict then shows plain dequantised tensors)."""
+    param = torch.nn.Parameter(packed, requires_grad=False)
     setattr(module, name, param)
     if module not in _HOOKED:
         module.register_state_dict_post_hook(_dequantized_state)

@@ -16,6 +16,7 @@ The verdict is memoised per parameter objects, so later graphs of the same model
 
 from __future__ import annotations
 
+import mmap
 import operator
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ import torch
 from torch import fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+from hetero.backends.onednn.packed_param import PackedParameter
 from hetero.compiler import meta
 from hetero.compiler.meta import Region
 from hetero.compiler.weights import ParamValues
@@ -269,7 +271,19 @@ def _verify(
         tokens, k = (meta.size_hint(s) for s in meta.val(routing.ids).shape)
         if k > experts:
             return f"top-k ({k}) exceeds the number of experts ({experts})"
-        picks = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(tokens)])
+        pool = torch.arange(experts)
+        packed = [
+            a.name
+            for a in boundary
+            if meta.param(a) is not None and isinstance(params.get(a.name), PackedParameter)
+        ]
+        if packed:
+            # Weights held packed (a checkpoint loaded by hetero.load_pretrained): the routing picks from a
+            # few experts, and each packed weight is stood in for by a zero-filled mapping where only those
+            # experts are dequantised, so verifying never holds a layer's experts at full precision.
+            pool = torch.randperm(experts, generator=g)[: min(experts, max(2 * k, 4))]
+            params = params.overridden({n: _sparse_copy(params.get(n), pool.tolist()) for n in packed})
+        picks = torch.stack([pool[torch.randperm(len(pool), generator=g)[:k]] for _ in range(tokens)])
         ids = picks.to(device=device, dtype=meta.val(routing.ids).dtype)
         weight_dtype = meta.val(routing.dense if routing.dense is not None else routing.weights).dtype
         weights = torch.rand(tokens, k, generator=g).add_(0.1).to(device=device, dtype=weight_dtype)
@@ -316,6 +330,19 @@ def _verify(
         f"({', '.join(ACTIVATIONS)}): the best match ({best[1]}) differs by {best[0]:.1e}; "
         "an unsupported activation or expert shape"
     )
+
+
+def _sparse_copy(weight: PackedParameter, experts: list[int]) -> torch.Tensor:
+    """A plain tensor shaped like the stacked `weight`: `experts` dequantised, every other expert zero in
+    an anonymous mapping whose untouched pages take no memory."""
+    if weight.dim() != 3:
+        return weight.dequantize()
+    nbytes = weight.numel() * weight.element_size()
+    zeros = torch.frombuffer(mmap.mmap(-1, max(1, nbytes)), dtype=weight.dtype, count=weight.numel())
+    copy = zeros.view(weight.shape)
+    for e in experts:
+        copy[e] = weight[e]
+    return copy
 
 
 def _form_error(
