@@ -6,13 +6,15 @@
     hetero passes [TARGET] [FLAGS]      the pipeline; or compile TARGET with print/stop/disable/bisect flags
     hetero viz TARGET --out DIR         graph.svg, timeline.svg and report.html of a compiled model
     hetero diff DIR_A DIR_B             two dump folders compared pass by pass
+    hetero generate PATH|zoo:NAME       tokens from a checkpoint folder, streamed; then tok/s and memory
     hetero bench moe [--json]           one MoE layer: hetero vs eager, Inductor and the floor
     hetero bench moe --memory           peak/steady memory compiling an 8-layer V2-Lite-width model
     hetero bench engram|mla [--json]    the Engram block; the MLA prologue (GPU)
     hetero bench e2e [--json] [--peers] a whole V2-Lite-width model: tok/s vs eager, Inductor, llama.cpp
     hetero bench pipeline [--json]      pipelined stream schedule vs sequential, and its simulation
 
-Exit codes: 0 success, 1 a run that failed or a check that differed, 2 a usage or configuration error.
+Exit codes: 0 success, 1 a run that failed or a check that differed, 2 a usage or configuration error
+(or a checkpoint folder hetero cannot load).
 """
 
 from __future__ import annotations
@@ -26,15 +28,15 @@ from typing import Any
 from hetero import zoo
 from hetero.bench import e2e as bench_e2e
 from hetero.bench import engram as bench_engram
+from hetero.bench import machine, report
 from hetero.bench import memory as bench_memory
 from hetero.bench import mla as bench_mla
 from hetero.bench import moe as bench_moe
 from hetero.bench import pipeline as bench_pipeline
-from hetero.bench import report
-from hetero.commands import diff, passes, viz
+from hetero.commands import diff, generate, passes, viz
 from hetero.commands.architectures import table as architectures_table
 from hetero.compiler.config import HeteroConfig
-from hetero.compiler.errors import ConfigError, HeteroError, TargetError
+from hetero.compiler.errors import CheckpointError, ConfigError, HeteroError, TargetError
 from hetero.demo import run_demo
 from hetero.driver.explain import explain
 from hetero.targets import load_target
@@ -55,6 +57,7 @@ EXAMPLES = {
   hetero explain zoo:deepseek-v3-tiny
   hetero passes zoo:deepseek-v3-tiny --print-after=partition
   hetero viz zoo:deepseek-v3-tiny --out viz/
+  hetero generate zoo:deepseek-v3-tiny --max-new-tokens 16
   hetero bench pipeline
 """,
     "demo": """examples:
@@ -87,6 +90,13 @@ EXAMPLES = {
   hetero passes zoo:deepseek-v3-tiny --dump-dir=a/
   hetero passes zoo:deepseek-v3-tiny --dump-dir=b/ --disable-pass=fuse_accel
   hetero diff a/ b/                   # options that differ, first pass that differs, its graph diff
+""",
+    "generate": """examples:
+  hetero generate path/to/folder --prompt "Once upon a time" --max-new-tokens 64
+  hetero generate path/to/folder --ids 1,2,3 --temperature 0.8 --top-p 0.95 --seed 1
+  hetero generate path/to/folder --batch 4 -O host_dtype=int4   # 4 copies of the prompt at once
+  hetero generate zoo:deepseek-v3-tiny --ids "1,2,3;4,5,6"        # two requests of one length
+  hetero generate zoo:llama-tiny --dtype fp32 -O accel=cpu --ignore-eos
 """,
     "bench": """examples:
   hetero bench moe
@@ -152,6 +162,7 @@ def _parser() -> argparse.ArgumentParser:
     _passes_parser(sub)
     _viz_parser(sub)
     _diff_parser(sub)
+    _generate_parser(sub)
     bench = _command(sub, "bench", "benchmarks: ratios measured side by side in one run")
     bench.add_argument(
         "name",
@@ -262,6 +273,36 @@ def _diff_parser(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "generate", "generate tokens with a compiled checkpoint folder: streamed, then tok/s")
+    p.add_argument("target", help="a checkpoint folder (config.json + safetensors) or zoo:NAME")
+    given = p.add_mutually_exclusive_group()
+    given.add_argument(
+        "--prompt",
+        metavar="TEXT",
+        help=f"the prompt, read by the folder's tokenizer (default: {generate.DEFAULT_PROMPT!r})",
+    )
+    given.add_argument(
+        "--ids",
+        metavar="1,2,3",
+        help="token ids in place of a prompt; 'a,b;c,d' gives one request each, of one length "
+        f"(default without a tokenizer: {','.join(map(str, generate.DEFAULT_IDS))})",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="at most N new tokens (32)")
+    p.add_argument("--batch", type=int, default=1, metavar="B", help="serve B copies of the prompt at once")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default); above 0: sample")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample from this much probability mass (1.0)")
+    p.add_argument("--seed", type=int, default=0, help="the sampling seed (0)")
+    p.add_argument("--ignore-eos", action="store_true", help="go on past the end-of-sequence token")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="the model's dtype (default: the checkpoint's; bf16 for zoo models)",
+    )
+    _add_options_flag(p)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     argv = sys.argv[1:] if argv is None else argv
@@ -279,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
             return viz.run(args.target, args.out, args.depth, _options(parser, args.option))
         if args.command == "diff":
             return diff.run(args.a, args.b, args.context, args.max_lines or None)
+        if args.command == "generate":
+            return generate.run(_generate_request(parser, args), machine.rss_bytes)
         if args.command == "bench":
             if args.memory and args.name != "moe":
                 raise ConfigError(
@@ -294,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{flag} is a flag of `hetero bench e2e`, not of `hetero bench {args.name}`"
                     )
             return BENCHES[args.name](as_json=args.json)
-    except (ConfigError, TargetError) as e:  # what the user asked for cannot be had: a usage error
+    except (ConfigError, TargetError, CheckpointError) as e:  # what was asked for cannot be had: usage error
         print(f"hetero: error: {e}", file=sys.stderr)
         return 2
     except HeteroError as e:
@@ -302,6 +345,34 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     parser.error(f"unknown command {args.command!r}")
     return 2
+
+
+def _generate_request(parser: argparse.ArgumentParser, args: argparse.Namespace) -> generate.Request:
+    if args.max_new_tokens < 1:
+        parser.error("generate: --max-new-tokens must be 1 or more")
+    if args.batch < 1:
+        parser.error("generate: --batch must be 1 or more")
+    if args.temperature < 0:
+        parser.error("generate: --temperature must be 0 (greedy) or more")
+    if not 0 < args.top_p <= 1:
+        parser.error("generate: --top-p must be in (0, 1]")
+    ids = None
+    if args.ids is not None:
+        try:
+            ids = generate.parse_ids(args.ids)
+        except ValueError:
+            parser.error(f"generate: --ids wants token ids like 1,2,3 (or 1,2;3,4); got {args.ids!r}")
+    return generate.Request(
+        target=args.target,
+        prompt=args.prompt,
+        ids=ids,
+        batch=len(ids) if ids and len(ids) > 1 and args.batch == 1 else args.batch,
+        max_new_tokens=args.max_new_tokens,
+        sampling=generate.Sampling(args.temperature, args.top_p, args.seed),
+        ignore_eos=args.ignore_eos,
+        dtype=args.dtype,
+        options=_options(parser, args.option),
+    )
 
 
 def _bench_e2e(args: argparse.Namespace) -> int:
