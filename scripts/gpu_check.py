@@ -7,13 +7,15 @@ registry), run from the repository root with the Python that holds torch:
 
 It installs hetero without downloads (`pip install -e . --no-deps`), then runs, each step under
 its own time limit so that the whole run ends within 8 minutes: the GPU-marked tests, `hetero demo`
-with accel = cuda (the model built on the CPU, its dense parts moved to the GPU), `hetero bench mla`,
-`hetero bench pipeline` on CUDA, and the host MoE benchmark on that machine's CPU (its oneDNN ISA:
-AMX or not). Everything lands in the --out folder, in four files (the device tool brings back at
-most eight): summary.txt (what this prints at the end), results.json (the machine, every step's
-exit code, time and JSON output), log.txt (every step's output) and timeline.json (one decode
-step's tasks per stream, Chrome trace format). On a machine without CUDA it lists the steps it
-would run and exits 0. A failed step does not stop the others; the exit code is 1 when any failed.
+with accel = cuda (the model built on the CPU, its dense parts moved to the GPU), `hetero generate`
+on a saved checkpoint folder (hetero.load_pretrained with accel = cuda and an accel_memory_budget
+smaller than the model), `hetero bench mla`, `hetero bench pipeline` on CUDA, and the host MoE
+benchmark on that machine's CPU (its oneDNN ISA: AMX or not). Everything lands in the --out folder,
+in four files (the device tool brings back at most eight): summary.txt (what this prints at the
+end), results.json (the machine, every step's exit code, time and JSON output), log.txt (every
+step's output) and timeline.json (one decode step's tasks per stream, Chrome trace format). On a
+machine without CUDA it lists the steps it would run and exits 0. A failed step does not stop the
+others; the exit code is 1 when any failed.
 """
 
 from __future__ import annotations
@@ -57,10 +59,37 @@ def steps(python: str, dumps: Path) -> list[Step]:
             [*hetero, "demo", "--dtype", "bf16", "--dump-dir", str(dumps), "-O", "accel=cuda"],
             90,
         ),
+        Step("save a checkpoint", [python, "-c", SAVE.format(folder=str(dumps / "checkpoint"))], 60),
+        Step(
+            "load_pretrained + generate on cuda, over budget",
+            [
+                *hetero,
+                "generate",
+                str(dumps / "checkpoint"),
+                "--ids",
+                "1,2,3,4,5,6,7,8",
+                "--max-new-tokens",
+                "32",
+                "-O",
+                "accel=cuda",
+                "-O",
+                "accel_memory_budget=200KB",
+            ],
+            120,
+        ),
         Step("bench mla", [*hetero, "bench", "mla", "--json"], 60, json_out=True),
         Step("bench pipeline", [*hetero, "bench", "pipeline", "--json"], 60, json_out=True),
         Step("bench moe (host)", [*hetero, "bench", "moe", "--json"], 60, json_out=True),
     ]
+
+
+# deepseek-v3-tiny in bf16 (about 470 KB of weights) saved in shards: `hetero generate` loads it with
+# hetero.load_pretrained on a 200 KB accel budget, so its largest dense modules stay on the host.
+SAVE = (
+    "import torch; from hetero import zoo; "
+    "zoo.build('deepseek-v3-tiny', dtype=torch.bfloat16).model"
+    ".save_pretrained({folder!r}, max_shard_size='200KB')"
+)
 
 
 def gpu_test_files() -> list[str]:

@@ -193,4 +193,8 @@ def test_hetero_rows_on_a_tiny_model(tmp_path: Path) -> None:
     for row in result.rows:
         assert row.note.startswith("not available") or (row.decode_tps or 0) > 0, row
         assert row.note or (row.peak_rss or 0) > 50 << 20  # the child's own peak: torch is loaded
+        if row.name.startswith("hetero") and not row.note:  # loaded by hetero.load_pretrained
+            assert row.load_s > 0 and row.read_s > 0 and row.read_fresh_s > 0
+            assert 0 < row.load_peak_rss <= row.peak_rss and row.footprint > 50 << 20
     assert not any(r.note.startswith("failed") for r in result.rows)
+    assert "load s (read s, into new memory)" in e2e.table(result)

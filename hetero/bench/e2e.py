@@ -18,7 +18,12 @@ compile time, nothing shared) which measures, at batch 1:
 - prefill tok/s at 32 and 256 tokens: the median of PREFILL_REPEATS prefills after one warm call, the
   logits of the last position only (as llama-bench's prompt test);
 - compile s: the first generation's time minus the second's (every compile and recompile it needs);
-- peak RSS: the child's peak resident memory (VmHWM), the load included.
+- peak RSS: the child's peak resident memory (VmHWM), the load included;
+- hetero variants load the folder with `hetero.load_pretrained` (packing as it reads): the load time
+  beside the time to read the files once (the better of two plain reads through one buffer, and one
+  read into newly allocated memory, just before, in the same process), and the peak resident memory
+  through load, compile and the first generation against the footprint after the run (resident,
+  steady).
 
 The floor: bytes of weights one decode token reads (embedding: one row; attention, dense MLP, shared
 experts, top-k of the routed experts, lm_head: all of them; norms and routers as stored; 2-D weights
@@ -31,6 +36,7 @@ ConfigError) is reported as "not available: <reason>", not as a failure.
 from __future__ import annotations
 
 import collections
+import gc
 import json
 import os
 import statistics
@@ -92,6 +98,14 @@ class Row:
     prefill_tps: dict[str, float] = field(default_factory=dict)  # prompt tokens (as text) -> tok/s
     compile_s: float | None = None
     peak_rss: int | None = None
+    # hetero variants load with hetero.load_pretrained: its time, the time to read the files once (the
+    # better of two reads, in the same process), and memory: the peak through load, compile and the
+    # first generation, and the footprint after the run (resident, steady).
+    load_s: float | None = None
+    read_s: float | None = None
+    read_fresh_s: float | None = None  # the same read into newly allocated memory (bench.e2e.read_files)
+    load_peak_rss: int | None = None
+    footprint: int | None = None
     note: str = ""  # "not available: ..." or "failed: ..."; the numbers are then None
 
 
@@ -267,6 +281,8 @@ def run_variant(
     else:
         row.decode_tps, row.compile_s = found["decode_tps"], found["compile_s"]
         row.prefill_tps, row.peak_rss = found["prefill_tps"], found["peak_rss"]
+        for key in ("load_s", "read_s", "read_fresh_s", "load_peak_rss", "footprint"):
+            setattr(row, key, found.get(key))
     return row
 
 
@@ -331,17 +347,24 @@ def table(result: Result) -> str:
         "",
         "| variant | bits | decode tok/s | decode / floor | "
         + " | ".join(f"prefill {p} tok/s" for p in prompts)
-        + " | compile s | peak RSS GiB |",
-        "| --- " * (6 + len(prompts)) + "|",
+        + " | compile s | peak RSS GiB | load s (read s, into new memory) | load+compile peak / footprint |",
+        "| --- " * (8 + len(prompts)) + "|",
     ]
     for r in result.rows:
         if r.decode_tps is None:
-            lines.append(f"| {r.name} | {r.bits} | {r.note} |" + " |" * (3 + len(prompts)))
+            lines.append(f"| {r.name} | {r.bits} | {r.note} |" + " |" * (5 + len(prompts)))
             continue
         cells = [f"{r.decode_tps:.1f}", f"{r.decode_tps / result.floor_tps[r.bits]:.2f}"]
         cells += [f"{r.prefill_tps[p]:.0f}" if p in r.prefill_tps else "-" for p in prompts]
         cells += ["-" if r.compile_s is None else f"{r.compile_s:.1f}"]
         cells += ["-" if r.peak_rss is None else f"{r.peak_rss / 2**30:.2f}"]
+        cells += ["-" if r.load_s is None else f"{r.load_s:.1f} ({r.read_s:.1f}, {r.read_fresh_s:.1f})"]
+        peak, steady = r.load_peak_rss, r.footprint
+        cells += [
+            "-"
+            if not (peak and steady)
+            else f"{peak / 2**30:.2f} / {steady / 2**30:.2f} = {peak / steady:.2f}x"
+        ]
         lines.append(f"| {r.name} | {r.bits} | " + " | ".join(cells) + " |")
     lines.append("")
     for bits, pair in result.ratios.items():
@@ -374,10 +397,25 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(spec["threads"])
     decode_steps, warm_steps, repeats = spec["steps"]
-    say("loading the model (from_pretrained, local files only)...")
-    model = AutoModelForCausalLM.from_pretrained(spec["folder"], dtype=torch.bfloat16, local_files_only=True)
-    model = model.eval().requires_grad_(False)
     options = hetero_options(spec["variant"])
+    loading: dict[str, Any] = {}
+    if options is None:
+        say("loading the model (from_pretrained, local files only)...")
+        model = AutoModelForCausalLM.from_pretrained(
+            spec["folder"], dtype=torch.bfloat16, local_files_only=True
+        )
+        model = model.eval().requires_grad_(False)
+    else:
+        import hetero
+
+        say("reading the checkpoint's files twice (the time to beat)...")
+        loading["read_s"] = min(read_files(Path(spec["folder"])) for _ in range(2))
+        loading["read_fresh_s"] = read_files(Path(spec["folder"]), fresh=True)
+        machine.reset_peak_rss()  # the fresh read held the files: the peak below is the load's
+        say(f"hetero.load_pretrained (host_dtype {options['host_dtype']})...")
+        start = time.perf_counter()
+        model = hetero.load_pretrained(spec["folder"], **options)
+        loading["load_s"] = time.perf_counter() - start
     if spec["variant"] == "eager":
         forward = model
     elif options is None:
@@ -405,6 +443,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     with torch.no_grad():
         say(f"generation 1 (prefill {len(prompt[0])} + {decode_steps} decode steps; compiles)...")
         first, _ = generation()
+        loading["load_peak_rss"] = machine.rss_bytes()[1]
         say("generation 2 (warm)...")
         second, times = generation()
         prefill = {}
@@ -417,12 +456,39 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
                 forward(ids, use_cache=True, logits_to_keep=1)
                 samples.append(time.perf_counter() - t)
             prefill[str(n)] = n / statistics.median(samples[1:])
+    gc.collect()
     return {
         "decode_tps": 1 / statistics.median(times[warm_steps:]),
         "compile_s": max(0.0, first - second),
         "prefill_tps": prefill,
         "peak_rss": machine.rss_bytes()[1],
+        "footprint": machine.rss_bytes()[0],
+        **loading,
     }
+
+
+def read_files(folder: Path, fresh: bool = False) -> float:
+    """Seconds to read every safetensors file of `folder` once: through one reused 64 MiB buffer, or
+    (`fresh`) each file whole into newly allocated memory, all of them held until the end (what keeping
+    the bytes costs: the kernel maps and zeroes every page on first touch; in a VM the host may have to
+    back each page too). The fresh read raises the process's peak memory: reset it after."""
+    buffer = bytearray(64 << 20)
+    kept = []
+    start = time.perf_counter()
+    for file in sorted(folder.glob("*.safetensors")):
+        with open(file, "rb", buffering=0) as f:
+            if fresh:
+                kept.append(torch.empty(file.stat().st_size, dtype=torch.uint8))
+                view = memoryview(kept[-1].numpy())
+                done = 0
+                while got := f.readinto(view[done:]):
+                    done += got
+                continue
+            while f.readinto(buffer):
+                pass
+    seconds = time.perf_counter() - start
+    del kept
+    return seconds
 
 
 def _unavailable(error: BaseException) -> ConfigError | None:
