@@ -116,21 +116,12 @@ class CheckpointFiles:
 
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """Tensor `name`, read into `out` (contiguous, on the CPU, of its dtype and shape) or a new one."""
-        entry = self.entries[name]
-        if out is None:
-            out = torch.empty(entry.shape, dtype=entry.dtype)
-        if out.dtype != entry.dtype or tuple(out.shape) != entry.shape or not out.is_contiguous():
-            raise CheckpointError(
-                f"{entry.where()}: cannot read {entry.dtype} {list(entry.shape)} into "
-                f"{out.dtype} {list(out.shape)}"
-            )
-        self._pread(entry, out.view(-1).view(torch.uint8) if out.numel() else out.view(torch.uint8))
-        return out
+        return self._into(self.entries[name], out)
 
     def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows [start, stop) of tensor `name` (along its first dimension), into `out` or a new tensor."""
         entry = self.entries[name]
-        row = entry.nbytes // max(1, entry.shape[0]) if entry.shape else entry.nbytes
+        row = entry.nbytes // max(1, entry.shape[0])
         stop = min(stop, entry.shape[0])
         part = Entry(
             entry.name,
@@ -140,13 +131,18 @@ class CheckpointFiles:
             entry.start + start * row,
             entry.start + stop * row,
         )
+        return self._into(part, out)
+
+    def _into(self, entry: Entry, out: torch.Tensor | None) -> torch.Tensor:
+        """`entry`'s bytes into `out` (checked against its dtype and shape) or a new tensor."""
         if out is None:
-            out = torch.empty(part.shape, dtype=entry.dtype)
-        if out.dtype != entry.dtype or tuple(out.shape) != part.shape or not out.is_contiguous():
+            out = torch.empty(entry.shape, dtype=entry.dtype)
+        if out.dtype != entry.dtype or tuple(out.shape) != entry.shape or not out.is_contiguous():
             raise CheckpointError(
-                f"{entry.where()}: cannot read rows {start}:{stop} into {out.dtype} {list(out.shape)}"
+                f"{entry.where()}: cannot read {entry.dtype} {list(entry.shape)} into "
+                f"{out.dtype} {list(out.shape)}"
             )
-        self._pread(part, out.view(-1).view(torch.uint8) if out.numel() else out.view(torch.uint8))
+        self._pread(entry, out.view(-1).view(torch.uint8) if out.numel() else out.view(torch.uint8))
         return out
 
     def _pread(self, entry: Entry, dest: torch.Tensor) -> None:

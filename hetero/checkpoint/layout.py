@@ -51,8 +51,8 @@ class Source:
     @property
     def nbytes(self) -> int:
         """Bytes this tensor reads from the files (scales included)."""
-        entries = [e for part in self.parts for e in part]
-        return sum(e.nbytes for e in entries) + sum(s.nbytes for s in (self.scales or {}).values())
+        scales = (self.scales or {}).values()
+        return sum(e.nbytes for e in self.entries()) + sum(s.nbytes for s in scales)
 
     def entries(self) -> list[Entry]:
         return [e for part in self.parts for e in part]
@@ -77,28 +77,30 @@ class Source:
     ) -> torch.Tensor:
         """Rows [start, stop) of a plain 2-D tensor in `dtype`, into `out` (for FP8, `start` is a multiple
         of the block's rows)."""
-        entry = self.parts[0][0]
-        assert not self.stacked and len(self.parts) == 1
+        assert not self.stacked and len(self.parts) == 1 and out.dtype == dtype
+        self._read(files, self.parts[0][0], out, (start, stop))
+        return out
+
+    def _read(
+        self, files: CheckpointFiles, entry: Entry, out: torch.Tensor, rows: tuple[int, int] | None = None
+    ) -> None:
+        """`entry` (or its rows [start, stop)) into `out`, in out's dtype: read in place where the dtypes
+        agree, converted where not, FP8 dequantised with its block scales."""
+
+        def fetch(name: str, lo: int, hi: int, into: torch.Tensor | None = None) -> torch.Tensor:
+            return files.read(name, out=into) if rows is None else files.read_rows(name, lo, hi, out=into)
+
+        start, stop = rows or (0, 0)
         if entry.dtype in FP8:
             assert self.scales is not None and self.block is not None
             bn = self.block[0]
-            q = files.read_rows(entry.name, start, stop)
-            scale = files.read_rows(self.scales[entry.name].name, start // bn, -(-stop // bn))
-            return dequantize_fp8(q, scale, self.block, out)
-        if entry.dtype == dtype:
-            return files.read_rows(entry.name, start, stop, out=out)
-        return out.copy_(files.read_rows(entry.name, start, stop))
-
-    def _read(self, files: CheckpointFiles, entry: Entry, out: torch.Tensor) -> None:
-        if entry.dtype in FP8:
-            assert self.scales is not None and self.block is not None
-            q = files.read(entry.name)
-            scale = files.read(self.scales[entry.name].name)
+            q = fetch(entry.name, start, stop)
+            scale = fetch(self.scales[entry.name].name, start // bn, -(-stop // bn))
             dequantize_fp8(q, scale, self.block, out)
         elif entry.dtype == out.dtype and out.is_contiguous():
-            files.read(entry.name, out=out)
+            fetch(entry.name, start, stop, into=out)
         else:
-            out.copy_(files.read(entry.name))
+            out.copy_(fetch(entry.name, start, stop))
 
 
 def dequantize_fp8(

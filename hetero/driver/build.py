@@ -200,13 +200,14 @@ def _check_packed_reads(build: Build) -> None:
     every call: recorded as a fallback (an error under strict), never silent."""
     running = {id(m) for packed in build.binding.packed for m in getattr(packed, "matrices", ())}
     unread = _read_by_host_kernels_only(build.gm)
-    for name in [n.name for n in build.gm.graph.nodes if n.op == "placeholder"]:
+    for node in [n for n in build.gm.graph.nodes if n.op == "placeholder"]:
+        name = node.name
         value = build.values.get(name) if name in build.values else None
         if not isinstance(value, PackedParameter):
             continue
         if name in unread and all(id(m) in running for m in value.matrices):
             continue
-        fqn = meta.param(next(n for n in build.gm.graph.nodes if n.name == name))
+        fqn = meta.param(node)
         why = (
             "its host kernel runs another format, so it holds a second copy"
             if name in unread
