@@ -12,6 +12,8 @@
     hetero bench engram|mla [--json]    the Engram block; the MLA prologue (GPU)
     hetero bench e2e [--json] [--peers] a whole V2-Lite-width model: tok/s vs eager, Inductor, llama.cpp
     hetero bench pipeline [--json]      pipelined stream schedule vs sequential, and its simulation
+    hetero calibrate [--out FILE]       measure this machine into the profile the cost model uses
+    hetero plan MODEL [--profile P]     what goes where and how fast, for a full-size model, no weights
 
 Exit codes: 0 success, 1 a run that failed or a check that differed, 2 a usage or configuration error
 (or a checkpoint folder hetero cannot load).
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from hetero import zoo
+from hetero.bench import calibrate as bench_calibrate
 from hetero.bench import e2e as bench_e2e
 from hetero.bench import engram as bench_engram
 from hetero.bench import machine, report
@@ -33,10 +36,11 @@ from hetero.bench import memory as bench_memory
 from hetero.bench import mla as bench_mla
 from hetero.bench import moe as bench_moe
 from hetero.bench import pipeline as bench_pipeline
-from hetero.commands import diff, generate, passes, viz
+from hetero.commands import calibrate, diff, generate, passes, plan, viz
 from hetero.commands.architectures import table as architectures_table
 from hetero.compiler.config import HeteroConfig
 from hetero.compiler.errors import CheckpointError, ConfigError, HeteroError, TargetError
+from hetero.compiler.units import parse_size
 from hetero.demo import run_demo
 from hetero.driver.explain import explain
 from hetero.targets import load_target
@@ -97,6 +101,20 @@ EXAMPLES = {
   hetero generate path/to/folder --batch 4 -O host_dtype=int4   # 4 copies of the prompt at once
   hetero generate zoo:deepseek-v3-tiny --ids "1,2,3;4,5,6"        # two requests of one length
   hetero generate zoo:llama-tiny --dtype fp32 -O accel=cpu --ignore-eos
+""",
+    "plan": """examples:
+  hetero plan deepseek-v3 --profile rtx4090-ddr5 --host-memory 512GiB --host-dtype int4
+  hetero plan qwen3-30b-a3b                     # on the profile in use (hetero calibrate --show)
+  hetero plan path/to/folder --json             # a folder holding a config.json, or the file
+  hetero plan zoo:deepseek-v3-tiny --batch 4 --prompt-len 256
+built-in models: deepseek-v3, kimi-k2, qwen3-235b-a22b, qwen3-30b-a3b, mixtral-8x22b, gpt-oss-120b
+""",
+    "calibrate": """examples:
+  hetero calibrate                    # measure (under a minute), write ~/.cache/hetero/profile.json
+  hetero calibrate --quick --out box.json --threads 2
+  hetero calibrate --show             # the profile the cost model uses now, and where it comes from
+  hetero calibrate --show h100-xeon8480
+  hetero calibrate --list-presets
 """,
     "bench": """examples:
   hetero bench moe
@@ -163,6 +181,8 @@ def _parser() -> argparse.ArgumentParser:
     _viz_parser(sub)
     _diff_parser(sub)
     _generate_parser(sub)
+    _calibrate_parser(sub)
+    _plan_parser(sub)
     bench = _command(sub, "bench", "benchmarks: ratios measured side by side in one run")
     bench.add_argument(
         "name",
@@ -303,6 +323,78 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     _add_options_flag(p)
 
 
+def _calibrate_parser(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "calibrate", "measure this machine (host, CUDA accel, link) into a cost-model profile")
+    p.add_argument(
+        "--out", type=Path, metavar="FILE", help="write the profile here (default: the cache file)"
+    )
+    p.add_argument("--quick", action="store_true", help="a few seconds, less exact (smaller working sets)")
+    p.add_argument("--json", action="store_true", help="print the profile as JSON")
+    p.add_argument("--threads", type=int, metavar="N", help="host threads to measure with (default: torch's)")
+    p.add_argument(
+        "--show",
+        nargs="?",
+        const="",
+        metavar="FILE|PRESET",
+        help="print a profile without measuring (none given: the one the cost model uses now)",
+    )
+    p.add_argument("--list-presets", action="store_true", help="the presets' names and machines")
+
+
+def _plan_parser(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "plan", "what goes where and how fast, for a model of any size, before loading it")
+    p.add_argument("model", help="a config.json, a folder holding one, a built-in real model, or a zoo name")
+    p.add_argument("--profile", metavar="FILE|PRESET", help="machine profile (default: the one in use)")
+    p.add_argument(
+        "--accel-memory", metavar="SIZE", help="GPU memory to plan for, e.g. 24GiB (the profile's)"
+    )
+    p.add_argument("--host-memory", metavar="SIZE", help="host RAM to plan for, e.g. 512GiB (the profile's)")
+    p.add_argument(
+        "--host-dtype",
+        choices=["fp32", "bf16", "int8", "int4"],
+        default="bf16",
+        help="format of the weights the host runs (default bf16)",
+    )
+    p.add_argument("--batch", type=int, default=1, metavar="B", help="sequences per call (1)")
+    p.add_argument("--prompt-len", type=int, default=128, metavar="P", help="prompt tokens (128)")
+    p.add_argument(
+        "--zipf",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="routing skew: expert e gets picks in proportion to (e+1)^-S (0, the default: uniform); "
+        "the hot experts (-O accel_experts=N) are the most picked",
+    )
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    _add_options_flag(p)
+
+
+def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    sizes = {}
+    for flag, text in (("accel", args.accel_memory), ("host", args.host_memory)):
+        if text is not None:
+            try:
+                sizes[flag] = parse_size(text)
+            except ValueError as e:
+                raise ConfigError(f"plan: --{flag}-memory: {e}") from None
+    if args.batch < 1 or args.prompt_len < 1:
+        raise ConfigError("plan: --batch and --prompt-len must be 1 or more")
+    if args.zipf < 0:
+        raise ConfigError(f"plan: --zipf must be 0 (uniform routing) or more, got {args.zipf}")
+    return plan.run(
+        args.model,
+        profile=args.profile,
+        accel_memory=sizes.get("accel"),
+        host_memory=sizes.get("host"),
+        host_dtype=args.host_dtype,
+        batch=args.batch,
+        prompt_len=args.prompt_len,
+        options=_options(parser, args.option),
+        zipf=args.zipf,
+        as_json=args.json,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     argv = sys.argv[1:] if argv is None else argv
@@ -322,6 +414,10 @@ def main(argv: list[str] | None = None) -> int:
             return diff.run(args.a, args.b, args.context, args.max_lines or None)
         if args.command == "generate":
             return generate.run(_generate_request(parser, args), machine.rss_bytes)
+        if args.command == "calibrate":
+            return _calibrate(parser, args)
+        if args.command == "plan":
+            return _plan(parser, args)
         if args.command == "bench":
             if args.memory and args.name != "moe":
                 raise ConfigError(
@@ -372,6 +468,23 @@ def _generate_request(parser: argparse.ArgumentParser, args: argparse.Namespace)
         ignore_eos=args.ignore_eos,
         dtype=args.dtype,
         options=_options(parser, args.option),
+    )
+
+
+def _calibrate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    measuring = [
+        f for f, given in (("--out", args.out), ("--quick", args.quick), ("--threads", args.threads)) if given
+    ]
+    if (args.show is not None or args.list_presets) and measuring:
+        parser.error(f"calibrate: {measuring[0]} measures; --show and --list-presets do not")
+    if args.threads is not None and args.threads < 1:
+        parser.error("calibrate: --threads must be 1 or more")
+    if args.list_presets:
+        return calibrate.list_presets()
+    if args.show is not None:
+        return calibrate.show(args.show, args.json)
+    return calibrate.run(
+        lambda: bench_calibrate.calibrate(args.quick, args.threads), args.out, args.json, args.quick
     )
 
 

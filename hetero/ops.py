@@ -349,8 +349,33 @@ def _(x, out_features, handle):
     return x.new_empty(x.shape[0], out_features)
 
 
+# Hot experts (options={"accel_experts": N}): a MoE layer's experts split in two groups that run at once.
+# `hot_experts` computes, on the accel, only the token/expert pairs whose expert is in the layer's hot set
+# (weights applied as moe_experts applies them); `cold_ids` gives the host kernel the same ids with the
+# hot ones replaced by -1, so it computes the other pairs. `handle` names the layer's hot set and its
+# weights on the accel (hetero.backends.hot_experts, which holds both kernels).
+torch.library.define(
+    "hetero::hot_experts", "(Tensor hidden, Tensor topk_ids, Tensor topk_weights, int handle) -> Tensor"
+)
+
+
+@torch.library.register_fake("hetero::hot_experts")
+def _(hidden, topk_ids, topk_weights, handle):
+    return torch.empty_like(hidden)
+
+
+torch.library.define("hetero::cold_ids", "(Tensor topk_ids, int handle) -> Tensor")
+
+
+@torch.library.register_fake("hetero::cold_ids")
+def _(topk_ids, handle):
+    return torch.empty_like(topk_ids)
+
+
 from hetero.compiler.capability import register_op_roles  # noqa: E402 - after the ops exist
 
 register_op_roles("hetero::host_moe", {"host"})
 register_op_roles("hetero::ep_moe", {"host"})
 register_op_roles("hetero::host_linear", {"host"})
+register_op_roles("hetero::hot_experts", {"accel"})
+register_op_roles("hetero::cold_ids", {"accel"})

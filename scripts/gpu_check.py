@@ -9,7 +9,8 @@ It installs hetero without downloads (`pip install -e . --no-deps`), then runs, 
 its own time limit so that the whole run ends within 8 minutes: the GPU-marked tests, `hetero demo`
 with accel = cuda (the model built on the CPU, its dense parts moved to the GPU), `hetero generate`
 on a saved checkpoint folder (hetero.load_pretrained with accel = cuda and an accel_memory_budget
-smaller than the model), `hetero bench mla`, `hetero bench pipeline` on CUDA, and the host MoE
+smaller than the model), a hot-experts compile (accel_experts on cuda, against eager, before and
+after rehome_experts), `hetero bench mla`, `hetero bench pipeline` on CUDA, and the host MoE
 benchmark on that machine's CPU (its oneDNN ISA: AMX or not). Everything lands in the --out folder,
 in four files (the device tool brings back at most eight): summary.txt (what this prints at the
 end), results.json (the machine, every step's exit code, time and JSON output), log.txt (every
@@ -77,6 +78,7 @@ def steps(python: str, dumps: Path) -> list[Step]:
             ],
             120,
         ),
+        Step("hot experts on cuda", [python, "-c", HOT_EXPERTS.format(accel="cuda")], 90, json_out=True),
         Step("bench mla", [*hetero, "bench", "mla", "--json"], 60, json_out=True),
         Step("bench pipeline", [*hetero, "bench", "pipeline", "--json"], 60, json_out=True),
         Step("bench moe (host)", [*hetero, "bench", "moe", "--json"], 60, json_out=True),
@@ -90,6 +92,30 @@ SAVE = (
     "zoo.build('deepseek-v3-tiny', dtype=torch.bfloat16).model"
     ".save_pretrained({folder!r}, max_shard_size='200KB')"
 )
+
+
+# qwen3-moe-tiny in bf16 with 3 of its 8 experts per layer hot on the accel (accel_experts), against eager
+# on the CPU: before and after rehome_experts re-picks the hot set from the routing seen (no recompile).
+HOT_EXPERTS = """
+import json, torch, hetero
+from hetero import zoo
+from hetero.numerics import TOLERANCE, rel_error
+built = zoo.build('qwen3-moe-tiny', dtype=torch.bfloat16)
+eager = zoo.build('qwen3-moe-tiny', dtype=torch.bfloat16)
+model = built.model.to({accel!r})
+compiled = torch.compile(model, backend='hetero', options={{'accel': {accel!r}, 'accel_experts': 3}})
+errors = []
+with torch.no_grad():
+    for seed in (1, 2):
+        (ids,) = built.make_inputs(seed=seed)
+        errors.append(rel_error(compiled(ids).logits, eager.model(ids.cpu()).logits))
+    moved = hetero.rehome_experts(compiled)
+    (ids,) = built.make_inputs(seed=3)
+    errors.append(rel_error(compiled(ids).logits, eager.model(ids.cpu()).logits))
+ok = max(errors) <= TOLERANCE[torch.bfloat16]
+print(json.dumps({{'rel_errors': errors, 'ok': ok, 'rehomed': moved}}))
+raise SystemExit(0 if ok else 1)
+"""
 
 
 def gpu_test_files() -> list[str]:

@@ -78,11 +78,12 @@ def test_dump_folder_has_every_pass_and_the_summary(tmp_path: Path) -> None:
         "02_analyze_cost.txt",
         "03_place.txt",
         "04_split_batch.txt",
-        "05_partition.txt",
-        "06_fuse_accel.txt",
-        "07_lower_host.txt",
-        "08_schedule.txt",
-        "09_bind.txt",  # bind wrote the handles of the host kernels (this CPU accel's linears too)
+        "05_hot_experts.txt",
+        "06_partition.txt",
+        "07_fuse_accel.txt",
+        "08_lower_host.txt",
+        "09_schedule.txt",
+        "10_bind.txt",  # bind wrote the handles of the host kernels (this CPU accel's linears too)
         "graph.dot",
         "graph.json",
         *(["graph.svg"] if "graph.svg" in names else []),
@@ -102,7 +103,7 @@ def test_dump_folder_has_every_pass_and_the_summary(tmp_path: Path) -> None:
     for k in (*summary["host_kernels"], *now["host_kernels"]):
         k.pop("ran")
     assert summary == now
-    assert "@host" in (folder / "05_partition.txt").read_text()
+    assert "@host" in (folder / "06_partition.txt").read_text()
     schedule = Schedule.from_json((folder / "schedule.json").read_text())
     assert Schedule.from_json(schedule.to_json()) == schedule
     assert [t.kind for t in schedule.tasks] == [

@@ -102,7 +102,7 @@ def test_diff_names_the_first_pass_that_differs(
     assert _main(["diff", str(a), str(b)]) == 1
     out = capsys.readouterr().out
     assert "disable_pass: [] -> ['fuse_accel']" in out
-    assert "graphs: first differ after fuse_accel (06_fuse_accel.txt)" in out
+    assert "graphs: first differ after fuse_accel (07_fuse_accel.txt)" in out
     assert re.search(r"^-.*hetero\.mla_rope_q", out, re.M)  # the diff shows the fused op going away
     assert "placement that differs" in out and "triton" in out
     assert _main(["diff", str(a), str(a)]) == 0

@@ -43,8 +43,8 @@ def test_stages_are_timed_dumped_and_printed_like_passes(tmp_path: Path) -> None
     assert bind["changed"] and bind["stats"] == {"host_kernels": 3} and bind["ms"] > 0
     # the handle bind wrote into the graph is what the dump and the print after it show
     (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
-    lowered = (folder / "07_lower_host.txt").read_text()
-    bound = (folder / "09_bind.txt").read_text()
+    lowered = (folder / "08_lower_host.txt").read_text()
+    bound = (folder / "10_bind.txt").read_text()
     assert "hetero.host_moe(%tanh, %getitem_1, %div, -1)" in lowered  # lower_host leaves handle -1
     assert re.search(r"hetero\.host_moe\(%tanh, %getitem_1, %div, \d+\)", bound)  # a registered handle
     assert bound in out.getvalue()

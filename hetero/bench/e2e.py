@@ -55,6 +55,9 @@ from hetero.bench import machine
 from hetero.bench import peers as peers_mod
 from hetero.compiler.config import HeteroConfig
 from hetero.compiler.errors import ConfigError
+from hetero.compiler.profile import Profile
+from hetero.compiler.profile import resolve as resolve_profile
+from hetero.driver.plan import plan
 
 LAYERS = 4
 WIDTH: dict[str, Any] = {
@@ -107,6 +110,9 @@ class Row:
     load_peak_rss: int | None = None
     footprint: int | None = None
     note: str = ""  # "not available: ..." or "failed: ..."; the numbers are then None
+    # hetero variants: what `hetero plan` predicts for the same model, options and machine profile
+    predicted_decode_tps: float | None = None
+    predicted_prefill_tps: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -124,6 +130,7 @@ class Result:
     ratios: dict[int, dict[str, float]] = field(default_factory=dict)  # bits -> hetero / llama.cpp
     missing: list[str] = field(default_factory=list)  # peers asked for and not found, and how to get them
     seconds: float = 0.0
+    profile: str = ""  # the machine profile the predictions used, and where its numbers come from
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -227,6 +234,11 @@ def run(
     missing: list[str] = []
     if peers:
         rows += run_peers(folder, threads, prompts, LLAMA_DECODE, progress, missing)
+    profile = resolve_profile(None)
+    for row in rows:
+        if row.decode_tps is not None and hetero_options(row.name) is not None:
+            progress(f"[e2e] {row.name}: what hetero plan predicts on profile {profile.name}...")
+            predict_row(row, folder, profile, prompts)
     progress("[e2e] measuring the read bandwidth again...")
     for name, bps in machine.read_bandwidths(gib=probe_gib).items():
         bandwidths[name] = max(bps, bandwidths.get(name, 0.0))
@@ -247,7 +259,21 @@ def run(
         missing,
     )
     result.seconds = time.perf_counter() - start
+    result.profile = f"{profile.name} ({profile.source})"
     return result
+
+
+def predict_row(row: Row, folder: Path, profile: Profile, prompts: tuple[int, ...]) -> None:
+    """Fill the row's predicted tok/s: `hetero plan` of the same folder, options and batch 1, one plan
+    per prompt length (its decode step reads a KV cache of the first prompt's length, as measured)."""
+    options = hetero_options(row.name) or {}
+    for i, prompt in enumerate(prompts):
+        planned = plan(
+            str(folder), profile=profile, host_dtype=options["host_dtype"], batch=1, prompt_len=prompt
+        )
+        row.predicted_prefill_tps[str(prompt)] = planned.prefill.tok_s
+        if i == 0:
+            row.predicted_decode_tps = planned.decode.tok_s
 
 
 def run_variant(
@@ -366,6 +392,7 @@ def table(result: Result) -> str:
             else f"{peak / 2**30:.2f} / {steady / 2**30:.2f} = {peak / steady:.2f}x"
         ]
         lines.append(f"| {r.name} | {r.bits} | " + " | ".join(cells) + " |")
+    lines += prediction_table(result, prompts)
     lines.append("")
     for bits, pair in result.ratios.items():
         lines.append(
@@ -376,6 +403,32 @@ def table(result: Result) -> str:
         lines.append("llama.cpp: not run (add --peers; it needs `make peers`)")
     lines.append(f"model: {result.folder}; total {result.seconds:.0f} s")
     return "\n".join(lines) + "\n"
+
+
+def prediction_table(result: Result, prompts: list[str]) -> list[str]:
+    """Measured against predicted (hetero plan on the same machine profile): tok/s and the error."""
+    rows = [r for r in result.rows if r.predicted_decode_tps is not None and r.decode_tps is not None]
+    if not rows:
+        return []
+
+    def cell(measured: float | None, predicted: float | None) -> str:
+        if not measured or predicted is None:
+            return "-"
+        return f"{measured:.1f} / {predicted:.1f} ({(predicted - measured) / measured:+.0%})"
+
+    lines = [
+        "",
+        f"predicted by hetero plan, profile {result.profile}:",
+        "| variant | decode tok/s measured / predicted (error) | "
+        + " | ".join(f"prefill {p} measured / predicted (error)" for p in prompts)
+        + " |",
+        "| --- " * (2 + len(prompts)) + "|",
+    ]
+    for r in rows:
+        cells = [cell(r.decode_tps, r.predicted_decode_tps)]
+        cells += [cell(r.prefill_tps.get(p), r.predicted_prefill_tps.get(p)) for p in prompts]
+        lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main(as_json: bool = False, layers: int = LAYERS, peers: bool = False) -> int:

@@ -43,7 +43,8 @@ def supported_roles(node: fx.Node, target: Target) -> frozenset[Role]:
     if not isinstance(op, torch._ops.OpOverload):
         return frozenset(ROLES)  # Python callables (getitem, symbolic size arithmetic) run anywhere
     roles = _DECLARED.get(_qualified_name(op), frozenset(ROLES))
-    return frozenset(r for r in roles if has_kernel(op, target.device(r).type))
+    device_types = {r: "cpu" if target.planned else target.device(r).type for r in roles}
+    return frozenset(r for r in roles if has_kernel(op, device_types[r]))
 
 
 def has_kernel(op: torch._ops.OpOverload, device_type: str) -> bool:

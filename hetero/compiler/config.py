@@ -24,6 +24,7 @@ from hetero.compiler.options import (
     ExpertParallel,
     Parser,
     PlaceRule,
+    parse_accel_experts,
     parse_bisect_limit,
     parse_bool,
     parse_budget,
@@ -41,6 +42,7 @@ from hetero.compiler.options import (
     parse_pass_names,
     parse_place,
 )
+from hetero.compiler.profile import BUILTIN, Profile, resolve
 from hetero.compiler.units import format_bytes
 
 ENV_PREFIX = "HETERO_"
@@ -55,6 +57,10 @@ class Target:
     host_device: torch.device
     accel_memory_budget: int | None  # bytes of parameters accel may hold; None: no limit
     expert_parallel_ranks: int = 0  # ranks MoE experts are sharded across (expert_parallel); 0: off
+    # A plan for a device this build of torch may lack (hetero plan): an op with a CPU kernel is taken
+    # to have one on the accel too.
+    planned: bool = False
+    profile: Profile = BUILTIN  # the machine's figures for the cost model (compiler/profile.py)
 
     def device(self, role: Role) -> torch.device:
         return self.accel_device if role == "accel" else self.host_device
@@ -81,7 +87,7 @@ class Target:
                 else None
             )
         ranks = _expert_parallel_ranks(config.expert_parallel)
-        return cls(accel, accel_device, torch.device("cpu"), budget, ranks)
+        return cls(accel, accel_device, torch.device("cpu"), budget, ranks, profile=resolve(config.profile))
 
 
 def _expert_parallel_ranks(ep: ExpertParallel | None) -> int:
@@ -145,6 +151,17 @@ class HeteroConfig:
         ),
         shown='`"auto"`',
     )
+    accel_experts: int | Literal["auto"] = option(
+        0,
+        parse_accel_experts,
+        (
+            "hot experts: the N most routed experts of each MoE layer also run on the accel (a copy there; "
+            "the host keeps them all), the rest on the host, concurrently; a number per layer (clamped to "
+            'the layer\'s experts), `"auto"` = what `accel_memory_budget` leaves, or `0` = none. '
+            "`hetero.rehome_experts(model)` re-picks them from the routing seen, without recompiling"
+        ),
+        shown="`0`",
+    )
     host_embedding_bytes: int = option(
         1 << 30,
         parse_bytes,
@@ -204,6 +221,13 @@ class HeteroConfig:
         "folder for per-graph dumps",
         shown="`None`",
     )
+    profile: str | None = option(
+        None,
+        parse_optional_path,
+        "machine profile the cost model uses: a file or a preset (`hetero calibrate --list-presets`); "
+        "`None`: `HETERO_PROFILE`, else the one `hetero calibrate` wrote, else built-in rough figures",
+        shown="`None`",
+    )
     strict: bool = option(
         False,
         parse_bool,
@@ -235,7 +259,8 @@ class HeteroConfig:
         (),
         parse_disabled_passes,
         (
-            "skip these optional passes (`canonicalize`, `split_batch`, `fuse_accel`, `lower_host`); the "
+            "skip these optional passes (`canonicalize`, `split_batch`, `hot_experts`, `fuse_accel`, "
+            "`lower_host`); the "
             "required ones (`analyze_cost`, `place`, `partition`, `schedule`) cannot be skipped"
         ),
         shown="`[]`",
@@ -308,6 +333,14 @@ class HeteroConfig:
         ),
         shown="`False`",
     )
+
+    def __post_init__(self) -> None:
+        if self.accel_experts != 0 and self.expert_parallel is not None:
+            raise ConfigError(
+                f"options 'accel_experts' ({self.accel_experts!r}) and 'expert_parallel' cannot be combined "
+                "yet: hot experts on the accel are not sharded across ranks; set accel_experts=0 or turn "
+                "expert_parallel off"
+            )
 
     @classmethod
     def build(

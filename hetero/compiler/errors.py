@@ -26,6 +26,11 @@ class ConfigError(HeteroError, ValueError):
     """A bad option, environment variable or CLI flag."""
 
 
+class ProfileError(ConfigError):
+    """A machine profile hetero cannot use (hetero/compiler/profile.py): an unknown preset, a file that is
+    missing, unreadable, of another version or lacking a field. The message names the file and the field."""
+
+
 class FallbackError(HeteroError):
     """hetero had to fall back (another role, another compiler, Inductor) and strict=True forbids it."""
 

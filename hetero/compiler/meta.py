@@ -28,6 +28,7 @@ TRANSFER = "hetero.transfer"  # transfer nodes: TransferInfo
 PARTITION = "hetero.partition"  # call_module partition nodes (and the submodule's gm.meta): PartitionInfo
 UNLOWERED = "hetero.unlowered"  # nodes of a region hetero recognised but could not rewrite: why
 LOWERING = "hetero.lowering"  # host kernel nodes (lower_host): HostKernel
+HOT_EXPERTS = "hetero.hot_experts"  # hetero.hot_experts / hetero.cold_ids nodes (hot_experts): HotExperts
 
 # gm.meta keys
 BUDGET = "hetero.budget"  # BudgetReport, written by place
@@ -89,6 +90,32 @@ class BudgetReport:
     fits: bool
 
 
+@dataclass(frozen=True)
+class HotExperts:
+    """One MoE layer's hot experts (the hot_experts pass): `hot` of its `experts` also held on the accel.
+
+    `expert_bytes`: one expert's gate + up + down (and biases) at the model's `dtype`, so the accel holds
+    hot * expert_bytes. The rest is what binding needs to copy them from the model: the weights'
+    parameter placeholders and FQNs, a recipe (placeholders -> (gate, up, down, *biases) lists, views
+    only, as HostKernel's) and the experts' form (hetero.ops.MoeForm). `note`: what the report says
+    about the choice of `hot` (a clamp, or how "auto" got it)."""
+
+    layer: str  # the experts module, e.g. "model.layers.1.mlp.experts"
+    experts: int
+    hot: int
+    expert_bytes: int
+    dtype: torch.dtype
+    params: tuple[str, ...] = ()
+    fqns: tuple[str, ...] = ()
+    recipe: Any = None  # fx.GraphModule
+    form: Any = None  # hetero.ops.MoeForm
+    note: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return self.hot * self.expert_bytes
+
+
 def _get(node: fx.Node, key: str) -> Any:
     return node.meta.get(key)
 
@@ -124,6 +151,10 @@ def transfer(node: fx.Node) -> TransferInfo | None:
 
 def partition(node: fx.Node) -> PartitionInfo | None:
     return _get(node, PARTITION)
+
+
+def hot_experts(node: fx.Node) -> HotExperts | None:
+    return _get(node, HOT_EXPERTS)
 
 
 def set_role(node: fx.Node, value: Role, why: str) -> None:

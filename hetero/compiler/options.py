@@ -168,6 +168,22 @@ def parse_micro_batches(key: str, value: Any, from_env: bool) -> int | Literal["
     return value
 
 
+def parse_accel_experts(key: str, value: Any, from_env: bool) -> int | Literal["auto"]:
+    """Hot experts per MoE layer kept on the accel: a whole number (0 = none) or "auto"."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if from_env and isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _bad(
+            key,
+            value,
+            "a whole number of experts per MoE layer, 0 or more (0 = none), or 'auto' (as many as the "
+            "accel memory budget leaves)",
+        )
+    return value
+
+
 def parse_optional_name(key: str, value: Any, from_env: bool) -> str | None:
     if value is None or (from_env and value == ""):
         return None

@@ -11,6 +11,7 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "analyze_cost",
     "place",
     "split_batch",
+    "hot_experts",
     "partition",
     "fuse_accel",
     "lower_host",

@@ -15,6 +15,8 @@
                        "ran"}],              # {kernel: {rows: calls}} so far: which kernel ran for how
                                             # many rows (e.g. "native-int4" at 1, "dequant+mm" at 32)
                                             # form: the activation and routing, e.g. "swiglu_oss(...)"
+                                            # kind "hot_experts" (accel_experts): "hot" (the experts held
+                                            # on the accel), "accel_bytes" (their copies), "note"
      "runtime_fallbacks": {task: int},      # accel tasks that raised and now run on the host, and
                                             # "<other weights>": calls that ran the captured graph
      "schedule": {"mode", "micro_batches", "streams", "predicted_us": {"sequential", "pipelined"}},
@@ -145,6 +147,8 @@ class Report:
                 f"streams {', '.join(sc['streams'])}; predicted by the cost model: sequential "
                 f"{us['sequential']} us, pipelined {us['pipelined']} us"
             )
+            if "profile" in sc:
+                lines.append(f"cost model: profile {sc['profile']['name']} ({sc['profile']['source']})")
         if self.budget:
             b = self.budget
             limit = "no limit" if b["accel_memory_budget"] is None else format_bytes(b["accel_memory_budget"])
@@ -157,6 +161,9 @@ class Report:
                 lines.append(f"  moved to host to fit the budget: {m['module']} ({format_bytes(m['bytes'])})")
         lines.append(f"\nhost ISA (oneDNN): {self.host_isa}")
         for k in self.host_kernels:
+            if k["kind"] == "hot_experts":
+                lines.append(_hot_experts_line(k))
+                continue
             count = (
                 f"{k['experts']} experts, {k.get('form', 'silu')}"
                 if "experts" in k
@@ -176,6 +183,17 @@ class Report:
         lines.append("\nfallbacks:" + ("" if self.fallbacks else " none"))
         lines += [f"  {f['node']} ({f['op']}, {f['module']}): {f['reason']}" for f in self.fallbacks]
         return lines
+
+
+def _hot_experts_line(k: dict[str, Any]) -> str:
+    hot = k["hot"]
+    reused = "" if k["built"] else ", reused from an earlier compile"
+    note = f" ({k['note']})" if k.get("note") else ""
+    return (
+        f"  {k['region']}: hot experts on {k['backend']}, {k['dtype']}: {len(hot)} of {k['experts']} "
+        f"{hot}{note}, {format_bytes(k['accel_bytes'])} on the accel (a cache: the host kernel keeps all "
+        f"{k['experts']}){reused}"
+    )
 
 
 REGION_HEADERS = ["kind", "module", "role", "params", "lowering", "decided by"]

@@ -52,7 +52,12 @@ from hetero.runtime.executor import Executor, HostFallback
 
 # Kernel backends: each implements `bind` (hetero/compiler/binding.py) for the ops it names in OPS, and
 # is imported only when a partition holds one of them (hetero.parallel pulls in torch.distributed).
-BINDERS = ("hetero.backends.onednn", "hetero.backends.triton", "hetero.parallel")
+BINDERS = (
+    "hetero.backends.onednn",
+    "hetero.backends.triton",
+    "hetero.backends.hot_experts",
+    "hetero.parallel",
+)
 
 
 @dataclass
@@ -346,7 +351,7 @@ def build_executor(build: Build) -> PassResult:
         checks=build.checks,
         bound=build.weights,
     )
-    report.schedule = out.schedule_summary(schedule, build.executor.mode)
+    report.schedule = out.schedule_summary(schedule, build.executor.mode, build.ctx.target.profile)
     return PassResult(gm, False, {"tasks": len(schedule.tasks)})
 
 

@@ -14,10 +14,11 @@ from hetero.compiler.config import HeteroConfig
 from hetero.compiler.dump import DumpFolder
 from hetero.compiler.errors import HeteroError
 from hetero.compiler.pipeline import PassContext
+from hetero.compiler.profile import Profile
 from hetero.compiler.report import Report, build_report
 from hetero.compiler.units import format_bytes
 from hetero.runtime import trace
-from hetero.runtime.simulate import simulate
+from hetero.runtime.simulate import estimator, simulate
 from hetero.viz import write_dot
 from hetero.viz.graph import dot_text
 
@@ -46,10 +47,12 @@ def pipeline_report(
     return report
 
 
-def schedule_summary(schedule: Any, mode: str) -> dict[str, Any]:
-    sim = simulate(schedule)
+def schedule_summary(schedule: Any, mode: str, profile: Profile) -> dict[str, Any]:
+    devices = {s.role: s.device for s in schedule.streams if s.kind == "compute"}
+    sim = simulate(schedule, estimator(devices, profile))
     return {
         "mode": mode,
+        "profile": {"name": profile.name, "source": profile.source},
         "micro_batches": schedule.batch.n if schedule.batch is not None else 1,
         "tasks": len(schedule.tasks),
         "streams": sorted({t.stream for t in schedule.tasks}),

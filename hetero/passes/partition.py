@@ -121,6 +121,7 @@ _MATMULS = {
     torch.ops.aten.addmm.default,
     torch.ops.aten.bmm.default,
     torch.ops.aten.baddbmm.default,
+    torch.ops.hetero.hot_experts.default,  # a MoE layer's hot experts, next to its cold ones on host
 }
 
 

@@ -42,7 +42,8 @@ def schedule(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     builder = _Builder(gm, ctx, plan, n)
     streams = _streams(ctx)
     devices = {s.role: s.device for s in streams if s.kind == "compute"}
-    tasks = order_tasks(builder.tasks, estimator(devices))
+    cost = estimator(devices, ctx.target.profile)
+    tasks = order_tasks(builder.tasks, cost)
     result = Schedule(
         tuple(builder.inputs),
         tuple(builder.outputs),
@@ -51,10 +52,10 @@ def schedule(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         tuple(tasks),
         streams,
         builder.batch,
-        meta={"graph": ctx.graph_name},
+        meta={"graph": ctx.graph_name, "profile": ctx.target.profile.name},
     )
     gm.meta[meta.SCHEDULE] = result
-    sim = simulate(result)
+    sim = simulate(result, cost)
     stats = {
         "tasks": len(tasks),
         "setup_tasks": len(builder.setup),

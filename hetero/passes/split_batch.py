@@ -23,7 +23,7 @@ from hetero.compiler import meta
 from hetero.compiler.errors import FallbackError
 from hetero.compiler.pipeline import PassContext, PassResult
 from hetero.passes.batching import BatchPlan, analyze, split
-from hetero.runtime.simulate import RATES
+from hetero.runtime.simulate import device_rates
 
 _CHOICES = (1, 2, 4, 8)
 _TASK_SECONDS = 50e-6  # one more micro-batch: its tasks' launches and hand-overs
@@ -49,11 +49,12 @@ def split_batch(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
 def pick(gm: fx.GraphModule, ctx: PassContext, plan: BatchPlan) -> int:
     seconds = {"accel": 0.0, "host": 0.0}
+    by_device = device_rates(ctx.target.profile)
     for node in gm.graph.nodes:
         cost, role = meta.cost(node), meta.role(node)
         if cost is None or role not in seconds:
             continue
-        rates = RATES[ctx.target.device(role).type]
+        rates = by_device[ctx.target.device(role).type]
         seconds[role] += max(cost.flops / rates.flops, cost.bytes / rates.bytes)
     longer, shorter = max(seconds.values()), min(seconds.values())
     tasks = 2 * sum(1 for n in gm.graph.nodes if meta.region(n) is not None and meta.region(n).kind == "moe")

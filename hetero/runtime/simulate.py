@@ -5,7 +5,9 @@ stream is free and the tasks it waits for have finished.
     sim.makespan, sim.sequential           # streams overlapped; everything one after another
 
 `estimator` is the cost model: a task takes max(flops / peak, bytes / bandwidth) of its device plus
-a fixed cost per task (a launch, a thread hand-off); transfers between two CPU roles are free.
+a fixed cost per task (a launch, a thread hand-off); transfers between two CPU roles are free. The
+figures come from a machine profile (hetero/compiler/profile.py: `hetero calibrate`, a preset, or
+BUILTIN's rough ones, which RATES holds).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from hetero.compiler.profile import BUILTIN, Profile
 from hetero.compiler.schedule_ir import Schedule, Task
 
 
@@ -23,26 +26,44 @@ class Rates:
     overhead: float  # seconds per task
 
 
-# Rough figures for the cost model; the ordering it drives needs ratios, not precise times.
-RATES: Mapping[str, Rates] = {
-    "cuda": Rates(flops=400e12, bytes=2.0e12, overhead=8e-6),
-    "cpu": Rates(flops=2e11, bytes=2e10, overhead=20e-6),
-}
-LINK_BYTES_PER_S = 25e9  # host <-> CUDA device copies (PCIe, pinned)
+def device_rates(profile: Profile) -> dict[str, Rates]:
+    """A profile's figures per device kind: "cpu" from its host (read bandwidth; the bf16 kernel's prefill
+    FLOP/s, or the best format's where bf16 was not measured), "cuda" from its accel (the built-in rough
+    figures where the profile has no CUDA accel)."""
+    host = profile.host
+    kernel = host.kernels.get("bf16") or max(host.kernels.values(), key=lambda k: k.prefill_flops)
+    accel = profile.accel or BUILTIN.accel
+    assert accel is not None
+    return {
+        "cuda": Rates(flops=accel.flops, bytes=accel.bandwidth, overhead=accel.overhead),
+        "cpu": Rates(flops=kernel.prefill_flops, bytes=host.bandwidth, overhead=host.overhead),
+    }
 
 
-def estimator(devices: Mapping[str, str]) -> Callable[[Task], float]:
-    """The cost model for a target whose roles run on `devices` (role -> "cuda:0", "cpu", ...)."""
+# The built-in rough figures (hetero/compiler/profile.py BUILTIN); the ordering they drive needs ratios,
+# not precise times.
+RATES: Mapping[str, Rates] = device_rates(BUILTIN)
+LINK_BYTES_PER_S = BUILTIN.link_h2d  # host <-> CUDA device copies (PCIe, pinned)
+
+
+def estimator(devices: Mapping[str, str], profile: Profile | None = None) -> Callable[[Task], float]:
+    """The cost model for a target whose roles run on `devices` (role -> "cuda:0", "cpu", ...), from
+    `profile`'s figures (None: the built-in rough ones). Copies to a CUDA device run at the profile's
+    host-to-device link, copies from one at its device-to-host link."""
+    rates = RATES if profile is None else device_rates(profile)
+    links = BUILTIN if profile is None or profile.accel is None else profile
+    launch = rates["cuda"].overhead
 
     def seconds(task: Task) -> float:
         kind = task.device.split(":")[0]
         if task.kind == "transfer":
-            ends = {kind, devices.get(task.src_role or "", kind).split(":")[0]}
-            if ends == {"cpu"}:
+            src = devices.get(task.src_role or "", kind).split(":")[0]
+            if {kind, src} == {"cpu"}:
                 return 0.0  # the same memory: the runtime hands the tensor over
-            return task.bytes / LINK_BYTES_PER_S + RATES["cuda"].overhead
-        rates = RATES.get(kind, RATES["cpu"])
-        return max(task.flops / rates.flops, task.bytes / rates.bytes) + rates.overhead
+            link = links.link_h2d if kind == "cuda" and src != "cuda" else links.link_d2h
+            return task.bytes / link + launch
+        r = rates.get(kind, rates["cpu"])
+        return max(task.flops / r.flops, task.bytes / r.bytes) + r.overhead
 
     return seconds
 

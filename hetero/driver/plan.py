@@ -1,0 +1,697 @@
+"""hetero.plan(MODEL, ...): what goes where and how fast, for a model of any size, before a weight exists.
+
+    p = hetero.plan("deepseek-v3", profile="rtx4090-ddr5", accel_memory="24GiB", host_dtype="int4")
+    print(p.summary())                  # regions per device, memory against capacities, tok/s and bound
+
+The model is built on the meta device (no memory, no weights) and captured by Dynamo and AOTAutograd as
+a compile would; hetero's pass pipeline then runs up to the Schedule on fake tensors (MoE recognition
+takes the structure on trust: there are no values to check it against) and driver/predict.py times
+the Schedule on the machine profile. Two graphs: prefill (batch x prompt tokens) and one decode step
+(batch tokens, over a KV cache of the prompt).
+
+Layers of one kind repeat (DeepSeek-V3: 3 dense, then 58 MoE), so the pipeline runs on the model cut
+to the shortest prefix holding every kind of layer once (K0 layers) and to one more period of the
+repeating kinds (K1), not on all of them: time, memory and bytes crossing per call grow by the K1 - K0
+difference for every further period. The pipeline's accel budget is scaled to each cut model by its
+share of the parameters. This keeps a plan of a 61-layer model to seconds of capture; the totals of
+parameters are checked against the whole model built on the meta device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx
+
+from hetero.compiler import meta
+from hetero.compiler.config import HeteroConfig, Target
+from hetero.compiler.errors import ConfigError, HeteroError
+from hetero.compiler.pipeline import Diagnostics, PassContext, pipeline_for, run_pipeline
+from hetero.compiler.profile import Profile
+from hetero.compiler.units import format_bytes
+from hetero.compiler.weights import ParamValues
+from hetero.driver.capture import annotate_params, flat_inputs
+from hetero.driver.predict import Routing, Step, predict, weight_bytes
+
+
+class PlanError(ConfigError):
+    """Bad input to a plan: a model it cannot find or build, a capacity no machine has."""
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str  # "prefill" | "decode"
+    tokens: int  # tokens one call processes
+    seconds: float
+    busy: dict[str, float]
+    link_bytes: float
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("inf")
+
+    @property
+    def bound(self) -> str:
+        return max(self.busy, key=lambda k: self.busy[k]) if self.busy else "-"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tokens": self.tokens,
+            "seconds": self.seconds,
+            "tok_s": self.tok_s,
+            "bound": self.bound,
+            "busy_s": self.busy,
+            "link_bytes": self.link_bytes,
+        }
+
+
+@dataclass
+class Plan:
+    model: str
+    source: str
+    layers: int
+    planned_layers: tuple[int, int]  # K0, K1: the cut models the pipeline ran on
+    parameters: int  # of the whole model
+    profile: str
+    profile_source: str
+    options: dict[str, Any]
+    batch: int
+    prompt_len: int
+    routing: str  # how picks spread over experts: "uniform" or "zipf S"
+    placement: list[dict[str, Any]]  # what goes where: module pattern, kind, role, host format, count
+    memory: dict[str, dict[str, float]]  # device -> {"weights", "kv_cache", "total", "capacity"}
+    prefill: Phase
+    decode: Phase
+    fits: bool
+    advice: list[str]
+    fallbacks: list[str]
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0  # how long planning took
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k not in ("prefill", "decode")}
+        out["prefill"], out["decode"] = self.prefill.to_dict(), self.decode.to_dict()
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    def summary(self) -> str:
+        cut = self.planned_layers
+        lines = [
+            f"plan: {self.model} ({self.source}): {self.layers} layers, "
+            f"{_count(self.parameters)} parameters; planned on {cut[0]} and {cut[1]} layers",
+            f"profile: {self.profile} ({self.profile_source})",
+            f"batch {self.batch}, prompt {self.prompt_len} tokens, {self.routing} routing; "
+            f"options {self.options}",
+            "",
+            "where it runs:",
+        ]
+        for row in self.placement:
+            fmt = f" {row['format']}" if row.get("format") else ""
+            lines.append(f"  {row['role']:<5} {row['kind']:<10} {row['module']} (x{row['count']}){fmt}")
+        lines += ["", "memory (weights + KV cache of batch x prompt):"]
+        for device, m in self.memory.items():
+            cap = m.get("capacity")
+            against = f" of {format_bytes(int(cap))}" if cap else ""
+            over = " OVER" if cap and m["total"] > cap else ""
+            lines.append(
+                f"  {device:<5} {format_bytes(int(m['total']))}{against}{over} "
+                f"(weights {format_bytes(int(m['weights']))}, KV cache {format_bytes(int(m['kv_cache']))})"
+            )
+        lines += ["", "predicted:"]
+        for phase in (self.prefill, self.decode):
+            lines.append(
+                f"  {phase.name:<8} {phase.tok_s:10.1f} tok/s  ({phase.seconds * 1e3:.1f} ms per call of "
+                f"{phase.tokens} tokens; bound by {phase.bound}; "
+                f"{format_bytes(int(phase.link_bytes))} over the link per call)"
+            )
+        if not self.fits:
+            lines += ["", "DOES NOT FIT:"] + [f"  {a}" for a in self.advice]
+        for f in self.fallbacks:
+            lines.append(f"fallback: {f}")
+        lines += [f"note: {n}" for n in self.notes]
+        lines.append(f"(planned in {self.seconds:.1f} s)")
+        return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.1f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
+def model_config(spec: str) -> tuple[Any, str, str]:
+    """(transformers config, display name, source) of a config.json, a folder holding one, a zoo name
+    (zoo:NAME or NAME) or a built-in real model (hetero.zoo.real)."""
+    from hetero.zoo import architectures, real
+
+    path = Path(spec)
+    if path.is_dir() or path.suffix == ".json" or os.sep in spec:
+        file = path / "config.json" if path.is_dir() else path
+        if not file.is_file():
+            raise PlanError(f"plan: no config.json at {file}")
+        return _from_file(file), file.parent.name or str(file), str(file)
+    from hetero import zoo
+
+    name = spec.removeprefix("zoo:").removeprefix("arch:")
+    if real.lookup(name) is not None:
+        config = real.config(name)
+        return config, real.lookup(name) or name, config.hetero_source
+    if name in zoo.ZOO and name not in zoo.ENGRAM_LAYERS:
+        return zoo.ZOO[name](), name, "hetero zoo"
+    if name in architectures.names():
+        return architectures.tiny_config(name), name, "hetero zoo, architecture matrix (tiny)"
+    choices = real.names() + [n for n in zoo.names() if n not in zoo.ENGRAM_LAYERS] + architectures.names()
+    from hetero.compiler.errors import did_you_mean
+
+    raise PlanError(
+        f"plan: unknown model {spec!r}{did_you_mean(spec.lower(), choices)}; give a config.json, a folder "
+        f"holding one, a built-in model ({', '.join(real.names())}) or a zoo name (hetero explain --list)"
+    )
+
+
+def _from_file(file: Path) -> Any:
+    import transformers
+
+    try:
+        fields = json.loads(file.read_text())
+        model_type = fields.pop("model_type")
+    except (OSError, ValueError, KeyError) as e:
+        raise PlanError(f"plan: {file} is not a model config (json with a model_type): {e}") from None
+    quantization = fields.pop("quantization_config", None)
+    try:
+        config = transformers.AutoConfig.for_model(model_type, **fields)
+    except Exception as e:
+        raise PlanError(f"plan: transformers cannot build a config from {file}: {e}") from None
+    config.hetero_checkpoint_quantization = quantization
+    return config
+
+
+def _layers(config: Any) -> int:
+    return int(getattr(config, "num_hidden_layers", 0) or 0)
+
+
+def _cut(config: Any, layers: int) -> Any:
+    """The config with its first `layers` decoder layers (per-layer lists cut to match)."""
+    import copy
+
+    total = _layers(config)
+    cut = copy.deepcopy(config)
+    cut.num_hidden_layers = layers
+    for key, value in vars(config).items():
+        if isinstance(value, list) and len(value) == total and key != "architectures":
+            setattr(cut, key, value[:layers])
+    if isinstance(getattr(config, "mlp_only_layers", None), list):
+        cut.mlp_only_layers = [i for i in config.mlp_only_layers if i < layers]
+    return cut
+
+
+def _build(config: Any, dtype: torch.dtype) -> torch.nn.Module:
+    import transformers
+
+    try:
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except Exception as e:
+        raise PlanError(f"plan: transformers cannot build this model on the meta device: {e}") from None
+    return model.eval()
+
+
+def _kinds(model: torch.nn.Module) -> list[str]:
+    """A signature per decoder layer: the classes of its modules and the attention's kind."""
+    layers = _decoder_layers(model)
+    kinds = []
+    for i, layer in enumerate(layers):
+        classes = sorted({type(m).__name__ for m in layer.modules()})
+        types = getattr(model.config, "layer_types", None)
+        kinds.append("|".join(classes) + (f"|{types[i]}" if isinstance(types, list) else ""))
+    return kinds
+
+
+def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == _layers(model.config):
+            return module
+    raise PlanError("plan: cannot find the model's decoder layers (a ModuleList of num_hidden_layers)")
+
+
+def cut_points(kinds: Sequence[str]) -> tuple[int, int, int]:
+    """(K0, K1, period): from layer `start` = K0 - period on, kinds repeat with `period`; K0 layers hold
+    every kind once, K1 = K0 + period one more period."""
+    n = len(kinds)
+    for k0 in range(1, n + 1):  # the shortest prefix first
+        for period in range(1, min(8, k0) + 1):
+            if all(kinds[i] == kinds[i - period] for i in range(k0, n)):
+                return k0, min(n, k0 + period), period
+    return n, n, 1
+
+
+def plan(
+    spec: str,
+    *,
+    profile: Profile,
+    accel_memory: int | None = None,
+    host_memory: int | None = None,
+    host_dtype: str = "bf16",
+    batch: int = 1,
+    prompt_len: int = 128,
+    options: dict[str, Any] | None = None,
+    routing: Routing | None = None,
+) -> Plan:
+    started = time.perf_counter()
+    if batch < 1 or prompt_len < 1:
+        raise PlanError(f"plan: batch ({batch}) and prompt length ({prompt_len}) must be 1 or more")
+    config, name, source = model_config(spec)
+    options = dict(options or {})
+    accel = "cuda" if profile.accel is not None else "cpu"
+    options.setdefault("accel", accel)
+    options.setdefault("host_dtype", host_dtype)
+    capacity = _capacities(profile, accel_memory, host_memory)
+    dtype = _dtype(config)
+    whole = _build(config, dtype)
+    total = sum(p.numel() for p in whole.parameters())
+    kinds = _kinds(whole)
+    del whole
+    layers = len(kinds)
+    k0, k1, period = cut_points(kinds)
+    # As a compile's accel_memory_budget "auto": a fifth of the card for activations, KV cache, workspace.
+    budget = int(capacity["accel"] * 0.8) if accel == "cuda" and capacity.get("accel") else None
+    repeat = (layers - k0) / period if k1 > k0 else 0.0
+    cuts = {
+        k: _plan_cut(_cut(config, k), dtype, options, batch, prompt_len, profile, routing) for k in {k0, k1}
+    }
+    a, b = cuts[k0], cuts[k1]
+
+    def grow(x: float, y: float) -> float:
+        return x + (y - x) * repeat
+
+    def phase(key: str, tokens: int) -> Phase:
+        pa, pb = a.steps[key], b.steps[key]
+        busy = {r: grow(pa.busy.get(r, 0.0), pb.busy.get(r, 0.0)) for r in {*pa.busy, *pb.busy}}
+        return Phase(key, tokens, grow(pa.seconds, pb.seconds), busy, grow(pa.link_bytes, pb.link_bytes))
+
+    prefill, decode = phase("prefill", batch * prompt_len), phase("decode", batch)
+    planned_total = grow(a.parameters, b.parameters)
+    memory: dict[str, dict[str, float]] = {}
+    for device in ("accel", "host"):
+        weights = grow(a.weights[device], b.weights[device])
+        kv = grow(a.kv_bytes[device], b.kv_bytes[device])
+        memory[device] = {"weights": weights, "kv_cache": kv, "total": weights + kv}
+        if capacity.get(device):
+            memory[device]["capacity"] = capacity[device]
+    if accel == "cpu":  # one memory: the accel role's share is the host's too
+        host = memory["host"]
+        for key in ("weights", "kv_cache", "total"):
+            host[key] += memory["accel"][key]
+        memory = {"host": host}
+    notes = [
+        f"layers {k0 - period}..{layers - 1} repeat with period {period}: the pipeline ran on the first "
+        f"{k0} and {k1} layers and the rest is extrapolated"
+        if k1 > k0
+        else f"the pipeline ran on all {layers} layers"
+    ]
+    if abs(planned_total - total) > 0.001 * total:
+        notes.append(f"the cut models extrapolate to {planned_total:.4g} parameters, the model has {total}")
+    quantization = getattr(config, "hetero_checkpoint_quantization", None)
+    if quantization:
+        notes.append(
+            f"the published checkpoint is {quantization.get('quant_method', quantization)}; this plan holds "
+            f"weights at {dtype} (the model's dtype) and the host's at host_dtype {options['host_dtype']}"
+        )
+    moved: list[tuple[str, int]] = []
+    if budget is not None and memory["accel"]["weights"] > budget:
+        moved = _fit_budget(b, budget, memory, layers, (k0, k1, period), options["host_dtype"])
+        prefill, decode = (
+            _moved_cost(p, moved, profile, options["host_dtype"], dtype) for p in (prefill, decode)
+        )
+        notes.append(
+            f"the accel budget ({format_bytes(budget)}) moves {len(moved)} regions to the host, the largest "
+            "first as a compile's `place` does: " + _moved_text(moved) + "; their time is the host's "
+            "kernels reading them at host_dtype instead of the accel's"
+        )
+    fits, advice = _fit(memory, options, b)
+    return Plan(
+        model=name,
+        source=source,
+        layers=layers,
+        planned_layers=(k0, k1),
+        parameters=total,
+        profile=profile.name,
+        profile_source=profile.source,
+        options=options,
+        batch=batch,
+        prompt_len=prompt_len,
+        routing=f"zipf {routing.skew:g}" if routing and routing.skew else "uniform",
+        placement=b.placement,
+        memory=memory,
+        prefill=prefill,
+        decode=decode,
+        fits=fits,
+        advice=advice,
+        fallbacks=sorted(set(a.fallbacks + b.fallbacks)),
+        notes=notes,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _dtype(config: Any) -> torch.dtype:
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(declared, str):
+        declared = getattr(torch, declared, None)
+    return declared if isinstance(declared, torch.dtype) else torch.bfloat16
+
+
+def _capacities(profile: Profile, accel_memory: int | None, host_memory: int | None) -> dict[str, int]:
+    out = {}
+    accel_max = profile.accel.memory if profile.accel is not None else None
+    for device, given, most in (
+        ("accel", accel_memory, accel_max),
+        ("host", host_memory, profile.host.memory),
+    ):
+        if given is not None and given <= 0:
+            raise PlanError(f"plan: --{device}-memory must be more than 0 bytes, got {given}")
+        if device == "accel" and given is not None and profile.accel is None:
+            raise PlanError(
+                f"plan: --accel-memory was given but profile {profile.name!r} has no GPU (its accel is the "
+                "CPU); pick a profile with an accel (hetero calibrate --list-presets)"
+            )
+        if device == "accel" and given is not None and most and given > most:  # RAM can be added; HBM not
+            raise PlanError(
+                f"plan: --{device}-memory {format_bytes(given)} is more than profile {profile.name!r}'s "
+                f"{device} has ({format_bytes(most)})"
+            )
+        if given or most:
+            out[device] = int(given or most)
+    return out
+
+
+@dataclass
+class _Cut:
+    steps: dict[str, Step]
+    weights: dict[str, float]
+    kv_bytes: dict[str, float]
+    parameters: int
+    placement: list[dict[str, Any]]
+    fallbacks: list[str]
+    regions: dict[str, tuple[int, int]]  # accel regions a budget may move: module -> (bytes, weights)
+
+
+def _plan_cut(
+    config: Any,
+    dtype: torch.dtype,
+    options: dict[str, Any],
+    batch: int,
+    prompt_len: int,
+    profile: Profile,
+    routing: Routing | None,
+) -> _Cut:
+    """One cut model's two graphs through the pipeline, with no accel budget (plan() applies it to the
+    whole model), timed on the profile."""
+    from transformers import DynamicCache
+
+    model = _build(config, dtype)
+    params = sum(p.numel() for p in model.parameters())
+    hconfig = HeteroConfig.build(options)
+    target = _target(hconfig, profile)
+    steps, graphs = {}, {}
+    prompt = torch.zeros(batch, prompt_len, dtype=torch.long, device="meta")
+    gm, fallbacks = _pipeline(model, (prompt,), {"use_cache": False}, hconfig, target)
+    steps["prefill"], graphs["prefill"] = predict(gm, gm.meta[meta.SCHEDULE], profile, routing), gm
+    cache = DynamicCache(config=config)
+    with torch.no_grad():
+        model(prompt, cache=cache, use_cache=True)  # eagerly, on meta: fills the cache's shapes
+    kv = sum(t.numel() * t.element_size() for t in _cache_tensors(cache))
+    gm, more = _pipeline(model, (prompt[:, :1],), {"cache": cache, "use_cache": True}, hconfig, target)
+    steps["decode"] = predict(gm, gm.meta[meta.SCHEDULE], profile, routing)
+    weights = _weights_by_device(gm, options["host_dtype"])
+    kv_on = {"accel": float(kv), "host": 0.0}
+    return _Cut(steps, weights, kv_on, params, _placement(gm), fallbacks + more, _accel_regions(gm))
+
+
+def _target(config: HeteroConfig, profile: Profile) -> Target:
+    if profile.accel is None:
+        return Target.from_config(config)  # accel "cpu"
+    # A plan for a GPU this machine may not have: the passes need the device's type, not the device.
+    return Target("cuda", torch.device("cuda", 0), torch.device("cpu"), None, planned=True)
+
+
+def _cache_tensors(cache: Any) -> list[torch.Tensor]:
+    found = []
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                found.append(t)
+    return found
+
+
+def _pipeline(
+    model: torch.nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    config: HeteroConfig,
+    target: Target,
+) -> tuple[fx.GraphModule, list[str]]:
+    """Capture one call of `model` (meta weights) and run the pass pipeline on it, up to the Schedule."""
+    import torch._dynamo
+    from torch._dynamo.backends.common import aot_autograd
+
+    done: list[tuple[fx.GraphModule, list[str]]] = []
+
+    def backend(gm: fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
+        flat, infos = flat_inputs(gm, inputs)
+
+        def run(aot_gm: fx.GraphModule, fake_inputs: Sequence[Any]) -> Callable[..., Any]:
+            annotate_params(aot_gm, infos)
+            holders = [n for n in aot_gm.graph.nodes if n.op == "placeholder"]
+            values = ParamValues(
+                {holders[i].name: t for i, (t, info) in enumerate(zip(flat, infos, strict=True)) if info}
+            )
+            ctx = PassContext(config, target, Diagnostics(False), "plan", values)
+            placed, _ = run_pipeline(aot_gm, ctx, pipeline_for(config), out=open(os.devnull, "w"))
+            done.append((placed, [f"{f.module or f.node}: {f.reason}" for f in ctx.diagnostics.fallbacks]))
+            return aot_gm.forward
+
+        return aot_autograd(fw_compiler=run)(gm, inputs)
+
+    with torch._dynamo.config.patch(recompile_limit=1024, accumulated_recompile_limit=4096), torch.no_grad():
+        try:
+            torch.compile(model, backend=backend, fullgraph=True)(*args, **kwargs)
+        except HeteroError:
+            raise
+        except Exception as e:
+            cause = _hetero_cause(e)
+            if cause is not None:
+                raise cause from None
+            raise PlanError(f"plan: this model does not capture as one graph on the meta device: {e}") from e
+    if not done:
+        raise PlanError("plan: Dynamo captured no graph of the model")
+    return done[-1]
+
+
+def _hetero_cause(error: BaseException) -> HeteroError | None:
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, HeteroError):
+            return seen
+        seen = getattr(seen, "inner_exception", None) or seen.__cause__
+    return None
+
+
+def _weights_by_device(gm: fx.GraphModule, host_dtype: str) -> dict[str, float]:
+    """Bytes of parameters each device holds: a weight a host kernel runs at its format, others as they
+    are; a weight read on both devices counts on both."""
+    holders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder" and meta.param(n) is not None}
+    formats: dict[str, tuple[str, int]] = {}
+    roles: dict[str, set[str]] = {name: set() for name in holders}
+    hot_bytes = 0.0
+    for call in gm.graph.nodes:
+        info = meta.partition(call) if call.op == "call_module" else None
+        if info is None:
+            continue
+        for a in call.args:
+            if isinstance(a, fx.Node):
+                source = a.args[0] if meta.transfer(a) is not None and a.args else a
+                if isinstance(source, fx.Node) and source.name in holders:
+                    roles[source.name].add(info.role)
+        for node in getattr(gm, call.target).graph.nodes:
+            kernel = node.meta.get(meta.LOWERING)
+            if kernel is not None and hasattr(kernel, "params"):
+                for p in kernel.params:
+                    formats[p] = (kernel.dtype, getattr(kernel, "group_size", 32))
+                    roles.setdefault(p, set()).add("host" if info.role == "host" else info.role)
+            hot = meta.hot_experts(node)
+            if hot is not None and node.target is torch.ops.hetero.hot_experts.default:
+                hot_bytes += hot.hot * hot.expert_bytes  # the accel's copies (the cold node has it too)
+    out = {"accel": hot_bytes, "host": 0.0}
+    for name, node in holders.items():
+        value = meta.val(node)
+        size = meta.param(node).nbytes
+        if name in formats:
+            fmt, group = formats[name]
+            size = weight_bytes(fmt, meta.numel_hint(value), group) if value.dim() >= 2 else size
+        for role in roles.get(name) or {"accel"}:
+            out[role] += size
+    return out
+
+
+def _placement(gm: fx.GraphModule) -> list[dict[str, Any]]:
+    """What runs where, by module pattern (layer indices as *), region kind and role."""
+    import re
+
+    rows: dict[tuple[str, str, str, str], set[str]] = {}
+    for call in gm.graph.nodes:
+        info = meta.partition(call) if call.op == "call_module" else None
+        if info is None:
+            continue
+        for node in getattr(gm, call.target).graph.nodes:
+            if node.op != "call_function":
+                continue
+            region = meta.region(node)
+            kernel = node.meta.get(meta.LOWERING)
+            if region is None and kernel is None:
+                continue
+            module = region.module if region else meta.module_path(node)
+            pattern = re.sub(r"\.\d+(\.|$)", r".*\1", module)
+            kind = region.kind if region else getattr(kernel, "kind", "linear")
+            fmt = getattr(kernel, "dtype", "") if kernel is not None else ""
+            rows.setdefault((pattern, kind, info.role, fmt), set()).add(module)
+    merged: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for (pattern, kind, role, fmt), modules in sorted(rows.items()):
+        key = (pattern, kind, role)
+        row = merged.setdefault(
+            key, {"module": pattern, "kind": kind, "role": role, "format": "", "count": 0}
+        )
+        row["count"] = max(row["count"], len(modules))
+        row["format"] = row["format"] or fmt
+    return list(merged.values())
+
+
+def _accel_regions(gm: fx.GraphModule) -> dict[str, tuple[int, int]]:
+    """Regions wholly on the accel that could move to the host (as place's budget step sees them):
+    module -> (parameter bytes, parameter count)."""
+    sizes = meta.param_sizes(gm)
+    holders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder" and meta.param(n) is not None}
+    groups: dict[str, tuple[set[str], set[str]]] = {}
+    for call in gm.graph.nodes:
+        info = meta.partition(call) if call.op == "call_module" else None
+        if info is None:
+            continue
+        for node in getattr(gm, call.target).graph.nodes:
+            c = meta.cost(node) if node.op == "call_function" else None
+            if c is None or not c.params:
+                continue
+            region = meta.region(node)
+            module = region.module if region else meta.module_path(node) or "<top>"
+            roles, params = groups.setdefault(module, (set(), set()))
+            roles.add(info.role)
+            params.update(c.params)
+    out = {}
+    for module, (roles, params) in groups.items():
+        if roles == {"accel"}:
+            names = [p for p in params if p in sizes]
+            count = sum(meta.numel_hint(meta.val(holders[p])) for p in names if p in holders)
+            out[module] = (sum(sizes[p] for p in names), count)
+    return out
+
+
+def _fit_budget(
+    cut: _Cut,
+    budget: int,
+    memory: dict[str, dict[str, float]],
+    layers: int,
+    cuts: tuple[int, int, int],
+    fmt: str,
+) -> list[tuple[str, int]]:
+    """Move the whole model's largest accel regions to the host until its accel weights fit `budget`
+    (place's rule), each repeating layer's regions sized as its representative in the K1 cut's."""
+    import re
+
+    k0, k1, period = cuts
+
+    def representative(i: int) -> int:
+        return i if i < k1 else k0 + (i - k0) % period
+
+    candidates: list[tuple[int, int, str]] = []
+    layer = re.compile(r"^(.*?layers\.)(\d+)(\..*|$)")
+    for module, (size, count) in cut.regions.items():
+        m = layer.match(module)
+        if m is None:
+            candidates.append((size, count, module))
+            continue
+        index = int(m.group(2))
+        for i in range(layers):
+            if representative(i) == index and (i == index or i >= k1):
+                candidates.append((size, count, f"{m.group(1)}{i}{m.group(3)}"))
+    candidates.sort(key=lambda c: (-c[0], c[2]))
+    accel = memory["accel"]
+    moved = []
+    for size, count, module in candidates:
+        if accel["weights"] <= budget:
+            break
+        accel["weights"] -= size
+        accel["total"] -= size
+        for key in ("weights", "total"):
+            memory["host"][key] += weight_bytes(fmt, count)
+        moved.append((module, count))
+    return moved
+
+
+def _moved_cost(
+    phase: Phase, moved: list[tuple[str, int]], profile: Profile, fmt: str, dtype: torch.dtype
+) -> Phase:
+    """The phase with the moved regions' weights read by the host's kernels instead of the accel."""
+    weights = sum(count for _, count in moved)
+    element = torch.empty((), dtype=dtype).element_size()
+    rows = phase.tokens
+    rates = profile.kernel(fmt)
+    host = max(weight_bytes(fmt, weights) / rates.decode_bytes, 2 * rows * weights / rates.flops(rows))
+    accel = profile.accel
+    saved = max(weights * element / accel.bandwidth, 2 * rows * weights / accel.flops) if accel else 0.0
+    busy = dict(phase.busy)
+    busy["host bandwidth"] = busy.get("host bandwidth", 0.0) + host
+    return Phase(phase.name, phase.tokens, phase.seconds + host - saved, busy, phase.link_bytes)
+
+
+def _moved_text(moved: list[tuple[str, int]]) -> str:
+    import re
+
+    counts: dict[str, int] = {}
+    for module, _ in moved:
+        pattern = re.sub(r"\.\d+(\.|$)", r".*\1", module)
+        counts[pattern] = counts.get(pattern, 0) + 1
+    return ", ".join(f"{p} (x{n})" for p, n in counts.items())
+
+
+def _fit(memory: dict[str, dict[str, float]], options: dict[str, Any], cut: _Cut) -> tuple[bool, list[str]]:
+    advice = []
+    for device, m in memory.items():
+        cap = m.get("capacity")
+        if not cap or m["total"] <= cap:
+            continue
+        over = m["total"] - cap
+        advice.append(
+            f"{device}: {format_bytes(int(m['total']))} needed, {format_bytes(int(cap))} given "
+            f"({format_bytes(int(over))} over)"
+        )
+        if device == "host":
+            advice.append(f"more host memory: at least {format_bytes(int(m['total']))}")
+            smaller = {"fp32": "bf16", "bf16": "int8", "int8": "int4", "auto": "int8"}.get(
+                options["host_dtype"]
+            )
+            if smaller:
+                advice.append(f"a smaller host_dtype: --host-dtype {smaller}")
+        else:
+            if options.get("accel_experts"):
+                advice.append("fewer hot experts: a smaller accel_experts")
+            advice.append(
+                "a smaller accel budget moves more regions to the host: --accel-memory lower, "
+                "or a GPU with more memory"
+            )
+    return not advice, advice
