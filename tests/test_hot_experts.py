@@ -45,7 +45,7 @@ def _hot_rows(report: hetero.Report) -> list[dict[str, object]]:
 
 
 # The whole matrix compiles 12 zoo models (about 8 s each on 2 busy cores): slow. The quick tests cover
-# "some" on deepseek-v3-tiny fp32 (rehome) and qwen3-moe-tiny bf16 ("auto"), "all" and "none" on a tiny MoE.
+# "some" on deepseek-v3-tiny fp32 (rehome) and qwen3-moe-tiny bf16 (budget), "all" and "none" on a tiny MoE.
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["deepseek-v3-tiny", "qwen3-moe-tiny"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -95,24 +95,22 @@ def test_rehome_changes_the_hot_set_without_recompiling() -> None:
         hetero.rehome_experts(compiled, {next(iter(layers)): [1, 2]})
 
 
-def test_auto_fills_the_budget_left() -> None:
+def test_some_hot_experts_within_a_budget() -> None:
+    # This test was "auto fills the budget left" (3 of 8 per layer here). "auto" now picks the count with
+    # the least predicted time, and on this CPU accel hot experts save nothing, so it holds none (tests/
+    # test_choice_by_time.py checks that, and the picks on a CUDA profile). The quick bf16 "some" case asks
+    # for the 3 the budget holds instead.
     budget = 260 * 1024
     built, compiled, reference = _compile(
-        "qwen3-moe-tiny", torch.bfloat16, accel_experts="auto", accel_memory_budget=budget
+        "qwen3-moe-tiny", torch.bfloat16, accel_experts=3, accel_memory_budget=budget
     )
     with collect_reports() as reports:
         _check(built, compiled, reference, seeds=(1,))
     (report,) = reports
     rows = _hot_rows(report)
-    spent = report.budget["accel_param_bytes"] - sum(r["accel_bytes"] for r in rows)
-    share = (budget - spent) // len(rows)
-    expert_bytes = rows[0]["accel_bytes"] // len(rows[0]["hot"])
-    assert [len(r["hot"]) for r in rows] == [min(8, share // expert_bytes)] * 2
-    assert 0 < len(rows[0]["hot"]) < 8
-    assert report.budget["accel_param_bytes"] <= budget
-    text = report.format()
-    assert f"hot experts on accel (cpu), bf16: {len(rows[0]['hot'])} of 8" in text
-    assert "auto: " in text
+    assert [len(r["hot"]) for r in rows] == [3, 3]
+    assert report.budget["fits"] and report.budget["accel_param_bytes"] <= budget
+    assert "hot experts on accel (cpu), bf16: 3 of 8" in report.format()
 
 
 class TestHotExpertsPass(expecttest.TestCase):

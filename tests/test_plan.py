@@ -69,6 +69,7 @@ def test_cut_points() -> None:
     assert cut_points(["a"]) == (1, 1, 1)
 
 
+@pytest.mark.slow
 def test_gpu_plan_without_a_gpu_and_its_budget() -> None:
     """A CUDA preset plans here (no GPU): the budget moves the largest accel region to the host."""
     p = plan("zoo:qwen3-moe-tiny", profile=resolve("rtx4090-ddr5"), accel_memory=200_000, prompt_len=4)

@@ -207,3 +207,13 @@ def test_cli_calibrate_writes_a_profile_that_loads(
     assert "builtin (no " in capsys.readouterr().out
     assert main(["calibrate", "--show", "h100-xeon848"]) == 2
     assert "did you mean 'h100-xeon8480'" in capsys.readouterr().err
+
+
+def test_row_regimes_pick_the_rate_measured_nearest() -> None:
+    from hetero.compiler.profile import KernelRates
+
+    rates = KernelRates(decode_bytes=1e9, prefill_flops=100e9, small_flops=10e9, few_flops=1e9)
+    assert [rates.flops(r) for r in (2, 15, 16, 63, 64, 512)] == [1e9, 1e9, 10e9, 10e9, 100e9, 100e9]
+    assert rates.flops(1) == float("inf")  # one row: the decode rate (weight bytes/s) alone bounds it
+    plain = KernelRates(decode_bytes=1e9, prefill_flops=100e9)  # regimes not measured: the prefill rate
+    assert plain.flops(4) == plain.flops(32) == 100e9

@@ -43,6 +43,7 @@ from hetero.runtime.device import ThreadStream
 MIB = 2**20
 PREFILL_ROWS = 64
 SMALL_ROWS = 32  # a short prompt: formats may run another kernel below 64 rows (bf16: mm, not linear)
+FEW_ROWS = 4  # a MoE expert's share of a short prompt (32 tokens, top-6 of 64 experts: 3 rows each)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,11 +159,16 @@ def kernel_rates(fmt: str, size: Sizes) -> tuple[KernelRates, tuple[str, str]]:
     decode = per_matrix * len(copies) / sum(_median_calls(copies, one, size.repeats))
     prefill = _best_calls(copies[:8], many, size.repeats)
     prefill_time = sum(prefill) / len(prefill)
-    small = _best_calls(copies[:8], many[:SMALL_ROWS], size.repeats)
-    small_time = sum(small) / len(small)
     names = (first.kernel_for(1), first.kernel_for(PREFILL_ROWS))
+    regimes = {}
+    for rows in (SMALL_ROWS, FEW_ROWS):
+        timed = _best_calls(copies[:8], many[:rows], size.repeats)
+        regimes[rows] = 2 * rows * n * k / (sum(timed) / len(timed))
     rates = KernelRates(
-        decode, 2 * PREFILL_ROWS * n * k / prefill_time, small_flops=2 * SMALL_ROWS * n * k / small_time
+        decode,
+        2 * PREFILL_ROWS * n * k / prefill_time,
+        small_flops=regimes[SMALL_ROWS],
+        few_flops=regimes[FEW_ROWS],
     )
     return rates, names
 

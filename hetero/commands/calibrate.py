@@ -75,6 +75,8 @@ def table(profile: Profile) -> str:
         lines.append(_line(f"host {fmt} linear, prefill", rates.prefill_flops / 1e9, "GFLOP/s"))
         if rates.small_flops:
             lines.append(_line(f"host {fmt} linear, 32 rows", rates.small_flops / 1e9, "GFLOP/s"))
+        if rates.few_flops:
+            lines.append(_line(f"host {fmt} linear, 4 rows", rates.few_flops / 1e9, "GFLOP/s"))
     lines.append(_line("host task overhead", host.overhead * 1e6, "us"))
     lines.append(_line("host eager op", host.op_overhead * 1e6, "us"))
     if accel is None:

@@ -88,6 +88,13 @@ class BudgetReport:
     host_bytes: int
     moved: tuple[tuple[str, int], ...]  # (module, bytes) moved to host to fit
     fits: bool
+    # What the cost model predicts moving adds per call (seconds; None: nothing had to move), for the
+    # chosen set (the least added time) and for the runner-up rule (largest first): `runner_up` says the
+    # rule and what it would move, `runner_up_same` that it picks the same set.
+    predicted_s: float | None = None
+    runner_up: str = ""
+    runner_up_s: float | None = None
+    runner_up_same: bool = False
 
 
 @dataclass(frozen=True)

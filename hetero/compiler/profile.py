@@ -56,13 +56,21 @@ class KernelRates:
 
     decode_bytes: float  # weight bytes/s the host linear kernel streams at decode rows (1 row)
     prefill_flops: float  # FLOP/s it reaches at prefill rows (64 rows and more)
-    # FLOP/s at SMALL_ROWS rows, where a format may run another kernel than at 64 (0: not measured, the
-    # prefill rate stands for it)
+    # FLOP/s at 32 rows and at 4 (a short prompt; a MoE expert's share of a prompt's tokens), where a
+    # format may run other kernels than at 64 (0: not measured, the next larger regime's rate stands in)
     small_flops: float = 0.0
+    few_flops: float = 0.0
 
     def flops(self, rows: int) -> float:
-        """FLOP/s at `rows` rows of activations (more than one)."""
-        return self.small_flops if rows < 64 and self.small_flops else self.prefill_flops
+        """FLOP/s at `rows` rows of activations; at one row the kernel is measured by the weight bytes it
+        streams (decode_bytes) alone, so its FLOPs bound nothing (inf)."""
+        if rows <= 1:
+            return float("inf")
+        if rows < 16 and self.few_flops:
+            return self.few_flops
+        if rows < 64 and self.small_flops:
+            return self.small_flops
+        return self.prefill_flops
 
 
 @dataclass(frozen=True)

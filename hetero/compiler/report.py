@@ -6,7 +6,9 @@
      "regions": [{"kind", "module", "role", "lowering", "param_bytes", "nodes", "placed_by"}],
      "transfers": [{"src", "dst", "bytes", "kind", "value", "src_role", "dst_role"}],
      "fallbacks": [{"node", "op", "module", "reason"}],
-     "budget": {...}, "dump": str|None,
+     "budget": {...}, "dump": str|None,    # budget: params per role, "moved" to fit, and "predicted_ms"
+                                            # (what moving adds per call) beside "runner_up" (largest
+                                            # first: ...) and "runner_up_ms"
      "host_isa": str,                       # what oneDNN dispatches host kernels to, e.g. "avx512_core_amx"
      "host_kernels": [{"region", "kind", "backend", "dtype", "experts" + "form" | "linears",
                        "in_place_bytes",     # the model's own weights, read in place
@@ -147,6 +149,9 @@ class Report:
                 f"streams {', '.join(sc['streams'])}; predicted by the cost model: sequential "
                 f"{us['sequential']} us, pipelined {us['pipelined']} us"
             )
+            picked = _micro_batches_picked(self.passes)
+            if picked:
+                lines.append(picked)
             if "profile" in sc:
                 lines.append(f"cost model: profile {sc['profile']['name']} ({sc['profile']['source']})")
         if self.budget:
@@ -159,6 +164,8 @@ class Report:
             lines += ["\nparameters (memory budget):", _table(["role", "params", "budget"], rows)]
             for m in b["moved"]:
                 lines.append(f"  moved to host to fit the budget: {m['module']} ({format_bytes(m['bytes'])})")
+            if budget_choice(b):
+                lines.append(f"  {budget_choice(b)}")
         lines.append(f"\nhost ISA (oneDNN): {self.host_isa}")
         for k in self.host_kernels:
             if k["kind"] == "hot_experts":
@@ -183,6 +190,30 @@ class Report:
         lines.append("\nfallbacks:" + ("" if self.fallbacks else " none"))
         lines += [f"  {f['node']} ({f['op']}, {f['module']}): {f['reason']}" for f in self.fallbacks]
         return lines
+
+
+def budget_choice(b: dict[str, Any]) -> str:
+    """What the budget's choice of regions to move predicts, beside the runner-up rule ("" when nothing
+    had to move, or a summary written before the cost model chose)."""
+    if b.get("predicted_ms") is None:
+        return ""
+    runner_up = (
+        f"the runner-up ({b['runner_up']}) moves the same"
+        if b["runner_up_same"]
+        else f"runner-up ({b['runner_up']}): +{b['runner_up_ms']:.3f} ms"
+    )
+    return f"moved the set with the least predicted time: +{b['predicted_ms']:.3f} ms per call; {runner_up}"
+
+
+def _micro_batches_picked(passes: list[dict[str, Any]]) -> str:
+    """What micro_batches="auto" predicted for the N it chose and for the runner-up ("" if not auto)."""
+    stats = next((p["stats"] for p in passes if p["name"] == "split_batch"), {})
+    if "predicted_us.chosen" not in stats:
+        return ""
+    line = f"micro_batches auto: {stats['micro_batches']} predicted {stats['predicted_us.chosen']} us"
+    if "runner_up" in stats:
+        line += f"; runner-up {stats['runner_up']}: {stats['predicted_us.runner_up']} us"
+    return line + " (split_batch's estimate of the accel and host work)"
 
 
 def _hot_experts_line(k: dict[str, Any]) -> str:
@@ -339,7 +370,16 @@ def _budget(gm: fx.GraphModule) -> dict[str, Any] | None:
         "host_param_bytes": budget.host_bytes,
         "moved": [{"module": m, "bytes": b} for m, b in budget.moved],
         "fits": budget.fits,
+        # What moving adds per call, by the cost model (None: nothing had to move), and the runner-up rule's
+        "predicted_ms": _ms(budget.predicted_s),
+        "runner_up": budget.runner_up,
+        "runner_up_ms": _ms(budget.runner_up_s),
+        "runner_up_same": budget.runner_up_same,
     }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1e3, 6)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -313,7 +313,7 @@ def _host_isa(kernels: Sequence[dict[str, object]]) -> str:
     return probe()[_ONEDNN_DTYPE[str(kernels[0]["dtype"])] if kernels else "bf16"]
 
 
-def _schedule_mode(config: HeteroConfig, accel: str) -> str:
+def schedule_mode(config: HeteroConfig, accel: str) -> str:
     """ "auto": pipelined on a CUDA accel or when micro-batches were asked for (to overlap them);
     otherwise, where both roles are this CPU, sequential: nothing to overlap, two workers would only
     split its cores (measured, DeepSeek-V2-Lite width, 4 layers, 2 threads: a decode step took 1.8x as
@@ -337,7 +337,7 @@ def build_executor(build: Build) -> PassResult:
         build.kernels,
         {t.inputs[0]: build.weights[position[t.inputs[0]]] for t in schedule.setup},
         keepalive=build.binding.packed,
-        mode=_schedule_mode(config, build.ctx.target.accel),
+        mode=schedule_mode(config, build.ctx.target.accel),
         fallback=HostFallback(
             host_kernel=functools.partial(_host_copy, gm, build.ctx.target.host_device),
             host_device=build.ctx.target.host_device,

@@ -24,7 +24,6 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,17 +31,25 @@ from torch import fx
 
 from hetero.compiler import meta
 from hetero.compiler.config import HeteroConfig, Target
-from hetero.compiler.errors import ConfigError, HeteroError
+from hetero.compiler.errors import HeteroError
 from hetero.compiler.pipeline import Diagnostics, PassContext, pipeline_for, run_pipeline
 from hetero.compiler.profile import Profile
 from hetero.compiler.units import format_bytes
 from hetero.compiler.weights import ParamValues
+from hetero.driver.build import schedule_mode
 from hetero.driver.capture import annotate_params, flat_inputs
+from hetero.driver.plan_memory import (
+    accel_regions,
+    fit,
+    fit_budget,
+    moved_text,
+    placement,
+    weights_by_device,
+)
+from hetero.driver.plan_model import PlanError, build, cut, cut_points, kinds, model_config
 from hetero.driver.predict import Routing, Step, predict, weight_bytes
 
-
-class PlanError(ConfigError):
-    """Bad input to a plan: a model it cannot find or build, a capacity no machine has."""
+__all__ = ["Phase", "Plan", "PlanError", "cut_points", "model_config", "plan"]
 
 
 @dataclass(frozen=True)
@@ -146,112 +153,6 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.1f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
 
 
-def model_config(spec: str) -> tuple[Any, str, str]:
-    """(transformers config, display name, source) of a config.json, a folder holding one, a zoo name
-    (zoo:NAME or NAME) or a built-in real model (hetero.zoo.real)."""
-    from hetero.zoo import architectures, real
-
-    path = Path(spec)
-    if path.is_dir() or path.suffix == ".json" or os.sep in spec:
-        file = path / "config.json" if path.is_dir() else path
-        if not file.is_file():
-            raise PlanError(f"plan: no config.json at {file}")
-        return _from_file(file), file.parent.name or str(file), str(file)
-    from hetero import zoo
-
-    name = spec.removeprefix("zoo:").removeprefix("arch:")
-    if real.lookup(name) is not None:
-        config = real.config(name)
-        return config, real.lookup(name) or name, config.hetero_source
-    if name in zoo.ZOO and name not in zoo.ENGRAM_LAYERS:
-        return zoo.ZOO[name](), name, "hetero zoo"
-    if name in architectures.names():
-        return architectures.tiny_config(name), name, "hetero zoo, architecture matrix (tiny)"
-    choices = real.names() + [n for n in zoo.names() if n not in zoo.ENGRAM_LAYERS] + architectures.names()
-    from hetero.compiler.errors import did_you_mean
-
-    raise PlanError(
-        f"plan: unknown model {spec!r}{did_you_mean(spec.lower(), choices)}; give a config.json, a folder "
-        f"holding one, a built-in model ({', '.join(real.names())}) or a zoo name (hetero explain --list)"
-    )
-
-
-def _from_file(file: Path) -> Any:
-    import transformers
-
-    try:
-        fields = json.loads(file.read_text())
-        model_type = fields.pop("model_type")
-    except (OSError, ValueError, KeyError) as e:
-        raise PlanError(f"plan: {file} is not a model config (json with a model_type): {e}") from None
-    quantization = fields.pop("quantization_config", None)
-    try:
-        config = transformers.AutoConfig.for_model(model_type, **fields)
-    except Exception as e:
-        raise PlanError(f"plan: transformers cannot build a config from {file}: {e}") from None
-    config.hetero_checkpoint_quantization = quantization
-    return config
-
-
-def _layers(config: Any) -> int:
-    return int(getattr(config, "num_hidden_layers", 0) or 0)
-
-
-def _cut(config: Any, layers: int) -> Any:
-    """The config with its first `layers` decoder layers (per-layer lists cut to match)."""
-    import copy
-
-    total = _layers(config)
-    cut = copy.deepcopy(config)
-    cut.num_hidden_layers = layers
-    for key, value in vars(config).items():
-        if isinstance(value, list) and len(value) == total and key != "architectures":
-            setattr(cut, key, value[:layers])
-    if isinstance(getattr(config, "mlp_only_layers", None), list):
-        cut.mlp_only_layers = [i for i in config.mlp_only_layers if i < layers]
-    return cut
-
-
-def _build(config: Any, dtype: torch.dtype) -> torch.nn.Module:
-    import transformers
-
-    try:
-        with torch.device("meta"):
-            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except Exception as e:
-        raise PlanError(f"plan: transformers cannot build this model on the meta device: {e}") from None
-    return model.eval()
-
-
-def _kinds(model: torch.nn.Module) -> list[str]:
-    """A signature per decoder layer: the classes of its modules and the attention's kind."""
-    layers = _decoder_layers(model)
-    kinds = []
-    for i, layer in enumerate(layers):
-        classes = sorted({type(m).__name__ for m in layer.modules()})
-        types = getattr(model.config, "layer_types", None)
-        kinds.append("|".join(classes) + (f"|{types[i]}" if isinstance(types, list) else ""))
-    return kinds
-
-
-def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == _layers(model.config):
-            return module
-    raise PlanError("plan: cannot find the model's decoder layers (a ModuleList of num_hidden_layers)")
-
-
-def cut_points(kinds: Sequence[str]) -> tuple[int, int, int]:
-    """(K0, K1, period): from layer `start` = K0 - period on, kinds repeat with `period`; K0 layers hold
-    every kind once, K1 = K0 + period one more period."""
-    n = len(kinds)
-    for k0 in range(1, n + 1):  # the shortest prefix first
-        for period in range(1, min(8, k0) + 1):
-            if all(kinds[i] == kinds[i - period] for i in range(k0, n)):
-                return k0, min(n, k0 + period), period
-    return n, n, 1
-
-
 def plan(
     spec: str,
     *,
@@ -274,17 +175,17 @@ def plan(
     options.setdefault("host_dtype", host_dtype)
     capacity = _capacities(profile, accel_memory, host_memory)
     dtype = _dtype(config)
-    whole = _build(config, dtype)
+    whole = build(config, dtype)
     total = sum(p.numel() for p in whole.parameters())
-    kinds = _kinds(whole)
+    signatures = kinds(whole)
     del whole
-    layers = len(kinds)
-    k0, k1, period = cut_points(kinds)
+    layers = len(signatures)
+    k0, k1, period = cut_points(signatures)
     # As a compile's accel_memory_budget "auto": a fifth of the card for activations, KV cache, workspace.
     budget = int(capacity["accel"] * 0.8) if accel == "cuda" and capacity.get("accel") else None
     repeat = (layers - k0) / period if k1 > k0 else 0.0
     cuts = {
-        k: _plan_cut(_cut(config, k), dtype, options, batch, prompt_len, profile, routing) for k in {k0, k1}
+        k: _plan_cut(cut(config, k), dtype, options, batch, prompt_len, profile, routing) for k in {k0, k1}
     }
     a, b = cuts[k0], cuts[k1]
 
@@ -326,16 +227,16 @@ def plan(
         )
     moved: list[tuple[str, int]] = []
     if budget is not None and memory["accel"]["weights"] > budget:
-        moved = _fit_budget(b, budget, memory, layers, (k0, k1, period), options["host_dtype"])
+        moved = fit_budget(b.regions, budget, memory, layers, (k0, k1, period), options["host_dtype"])
         prefill, decode = (
             _moved_cost(p, moved, profile, options["host_dtype"], dtype) for p in (prefill, decode)
         )
         notes.append(
-            f"the accel budget ({format_bytes(budget)}) moves {len(moved)} regions to the host, the largest "
-            "first as a compile's `place` does: " + _moved_text(moved) + "; their time is the host's "
+            f"the accel budget ({format_bytes(budget)}) moves {len(moved)} regions to the host, largest "
+            "first: " + moved_text(moved) + "; their time is the host's "
             "kernels reading them at host_dtype instead of the accel's"
         )
-    fits, advice = _fit(memory, options, b)
+    fits, advice = fit(memory, options)
     return Plan(
         model=name,
         source=source,
@@ -415,23 +316,24 @@ def _plan_cut(
     whole model), timed on the profile."""
     from transformers import DynamicCache
 
-    model = _build(config, dtype)
+    model = build(config, dtype)
     params = sum(p.numel() for p in model.parameters())
     hconfig = HeteroConfig.build(options)
     target = _target(hconfig, profile)
-    steps, graphs = {}, {}
+    steps = {}
     prompt = torch.zeros(batch, prompt_len, dtype=torch.long, device="meta")
     gm, fallbacks = _pipeline(model, (prompt,), {"use_cache": False}, hconfig, target)
-    steps["prefill"], graphs["prefill"] = predict(gm, gm.meta[meta.SCHEDULE], profile, routing), gm
+    sequential = schedule_mode(hconfig, target.accel) == "sequential"
+    steps["prefill"] = predict(gm, gm.meta[meta.SCHEDULE], profile, routing, sequential)
     cache = DynamicCache(config=config)
     with torch.no_grad():
         model(prompt, cache=cache, use_cache=True)  # eagerly, on meta: fills the cache's shapes
     kv = sum(t.numel() * t.element_size() for t in _cache_tensors(cache))
     gm, more = _pipeline(model, (prompt[:, :1],), {"cache": cache, "use_cache": True}, hconfig, target)
-    steps["decode"] = predict(gm, gm.meta[meta.SCHEDULE], profile, routing)
-    weights = _weights_by_device(gm, options["host_dtype"])
+    steps["decode"] = predict(gm, gm.meta[meta.SCHEDULE], profile, routing, sequential)
+    weights = weights_by_device(gm, options["host_dtype"])
     kv_on = {"accel": float(kv), "host": 0.0}
-    return _Cut(steps, weights, kv_on, params, _placement(gm), fallbacks + more, _accel_regions(gm))
+    return _Cut(steps, weights, kv_on, params, placement(gm), fallbacks + more, accel_regions(gm))
 
 
 def _target(config: HeteroConfig, profile: Profile) -> Target:
@@ -504,145 +406,6 @@ def _hetero_cause(error: BaseException) -> HeteroError | None:
     return None
 
 
-def _weights_by_device(gm: fx.GraphModule, host_dtype: str) -> dict[str, float]:
-    """Bytes of parameters each device holds: a weight a host kernel runs at its format, others as they
-    are; a weight read on both devices counts on both."""
-    holders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder" and meta.param(n) is not None}
-    formats: dict[str, tuple[str, int]] = {}
-    roles: dict[str, set[str]] = {name: set() for name in holders}
-    hot_bytes = 0.0
-    for call in gm.graph.nodes:
-        info = meta.partition(call) if call.op == "call_module" else None
-        if info is None:
-            continue
-        for a in call.args:
-            if isinstance(a, fx.Node):
-                source = a.args[0] if meta.transfer(a) is not None and a.args else a
-                if isinstance(source, fx.Node) and source.name in holders:
-                    roles[source.name].add(info.role)
-        for node in getattr(gm, call.target).graph.nodes:
-            kernel = node.meta.get(meta.LOWERING)
-            if kernel is not None and hasattr(kernel, "params"):
-                for p in kernel.params:
-                    formats[p] = (kernel.dtype, getattr(kernel, "group_size", 32))
-                    roles.setdefault(p, set()).add("host" if info.role == "host" else info.role)
-            hot = meta.hot_experts(node)
-            if hot is not None and node.target is torch.ops.hetero.hot_experts.default:
-                hot_bytes += hot.hot * hot.expert_bytes  # the accel's copies (the cold node has it too)
-    out = {"accel": hot_bytes, "host": 0.0}
-    for name, node in holders.items():
-        value = meta.val(node)
-        size = meta.param(node).nbytes
-        if name in formats:
-            fmt, group = formats[name]
-            size = weight_bytes(fmt, meta.numel_hint(value), group) if value.dim() >= 2 else size
-        for role in roles.get(name) or {"accel"}:
-            out[role] += size
-    return out
-
-
-def _placement(gm: fx.GraphModule) -> list[dict[str, Any]]:
-    """What runs where, by module pattern (layer indices as *), region kind and role."""
-    import re
-
-    rows: dict[tuple[str, str, str, str], set[str]] = {}
-    for call in gm.graph.nodes:
-        info = meta.partition(call) if call.op == "call_module" else None
-        if info is None:
-            continue
-        for node in getattr(gm, call.target).graph.nodes:
-            if node.op != "call_function":
-                continue
-            region = meta.region(node)
-            kernel = node.meta.get(meta.LOWERING)
-            if region is None and kernel is None:
-                continue
-            module = region.module if region else meta.module_path(node)
-            pattern = re.sub(r"\.\d+(\.|$)", r".*\1", module)
-            kind = region.kind if region else getattr(kernel, "kind", "linear")
-            fmt = getattr(kernel, "dtype", "") if kernel is not None else ""
-            rows.setdefault((pattern, kind, info.role, fmt), set()).add(module)
-    merged: dict[tuple[str, str, str], dict[str, Any]] = {}
-    for (pattern, kind, role, fmt), modules in sorted(rows.items()):
-        key = (pattern, kind, role)
-        row = merged.setdefault(
-            key, {"module": pattern, "kind": kind, "role": role, "format": "", "count": 0}
-        )
-        row["count"] = max(row["count"], len(modules))
-        row["format"] = row["format"] or fmt
-    return list(merged.values())
-
-
-def _accel_regions(gm: fx.GraphModule) -> dict[str, tuple[int, int]]:
-    """Regions wholly on the accel that could move to the host (as place's budget step sees them):
-    module -> (parameter bytes, parameter count)."""
-    sizes = meta.param_sizes(gm)
-    holders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder" and meta.param(n) is not None}
-    groups: dict[str, tuple[set[str], set[str]]] = {}
-    for call in gm.graph.nodes:
-        info = meta.partition(call) if call.op == "call_module" else None
-        if info is None:
-            continue
-        for node in getattr(gm, call.target).graph.nodes:
-            c = meta.cost(node) if node.op == "call_function" else None
-            if c is None or not c.params:
-                continue
-            region = meta.region(node)
-            module = region.module if region else meta.module_path(node) or "<top>"
-            roles, params = groups.setdefault(module, (set(), set()))
-            roles.add(info.role)
-            params.update(c.params)
-    out = {}
-    for module, (roles, params) in groups.items():
-        if roles == {"accel"}:
-            names = [p for p in params if p in sizes]
-            count = sum(meta.numel_hint(meta.val(holders[p])) for p in names if p in holders)
-            out[module] = (sum(sizes[p] for p in names), count)
-    return out
-
-
-def _fit_budget(
-    cut: _Cut,
-    budget: int,
-    memory: dict[str, dict[str, float]],
-    layers: int,
-    cuts: tuple[int, int, int],
-    fmt: str,
-) -> list[tuple[str, int]]:
-    """Move the whole model's largest accel regions to the host until its accel weights fit `budget`
-    (place's rule), each repeating layer's regions sized as its representative in the K1 cut's."""
-    import re
-
-    k0, k1, period = cuts
-
-    def representative(i: int) -> int:
-        return i if i < k1 else k0 + (i - k0) % period
-
-    candidates: list[tuple[int, int, str]] = []
-    layer = re.compile(r"^(.*?layers\.)(\d+)(\..*|$)")
-    for module, (size, count) in cut.regions.items():
-        m = layer.match(module)
-        if m is None:
-            candidates.append((size, count, module))
-            continue
-        index = int(m.group(2))
-        for i in range(layers):
-            if representative(i) == index and (i == index or i >= k1):
-                candidates.append((size, count, f"{m.group(1)}{i}{m.group(3)}"))
-    candidates.sort(key=lambda c: (-c[0], c[2]))
-    accel = memory["accel"]
-    moved = []
-    for size, count, module in candidates:
-        if accel["weights"] <= budget:
-            break
-        accel["weights"] -= size
-        accel["total"] -= size
-        for key in ("weights", "total"):
-            memory["host"][key] += weight_bytes(fmt, count)
-        moved.append((module, count))
-    return moved
-
-
 def _moved_cost(
     phase: Phase, moved: list[tuple[str, int]], profile: Profile, fmt: str, dtype: torch.dtype
 ) -> Phase:
@@ -657,41 +420,3 @@ def _moved_cost(
     busy = dict(phase.busy)
     busy["host bandwidth"] = busy.get("host bandwidth", 0.0) + host
     return Phase(phase.name, phase.tokens, phase.seconds + host - saved, busy, phase.link_bytes)
-
-
-def _moved_text(moved: list[tuple[str, int]]) -> str:
-    import re
-
-    counts: dict[str, int] = {}
-    for module, _ in moved:
-        pattern = re.sub(r"\.\d+(\.|$)", r".*\1", module)
-        counts[pattern] = counts.get(pattern, 0) + 1
-    return ", ".join(f"{p} (x{n})" for p, n in counts.items())
-
-
-def _fit(memory: dict[str, dict[str, float]], options: dict[str, Any], cut: _Cut) -> tuple[bool, list[str]]:
-    advice = []
-    for device, m in memory.items():
-        cap = m.get("capacity")
-        if not cap or m["total"] <= cap:
-            continue
-        over = m["total"] - cap
-        advice.append(
-            f"{device}: {format_bytes(int(m['total']))} needed, {format_bytes(int(cap))} given "
-            f"({format_bytes(int(over))} over)"
-        )
-        if device == "host":
-            advice.append(f"more host memory: at least {format_bytes(int(m['total']))}")
-            smaller = {"fp32": "bf16", "bf16": "int8", "int8": "int4", "auto": "int8"}.get(
-                options["host_dtype"]
-            )
-            if smaller:
-                advice.append(f"a smaller host_dtype: --host-dtype {smaller}")
-        else:
-            if options.get("accel_experts"):
-                advice.append("fewer hot experts: a smaller accel_experts")
-            advice.append(
-                "a smaller accel budget moves more regions to the host: --accel-memory lower, "
-                "or a GPU with more memory"
-            )
-    return not advice, advice

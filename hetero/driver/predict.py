@@ -32,19 +32,15 @@ from hetero.compiler import meta
 from hetero.compiler.profile import Profile
 from hetero.compiler.schedule_ir import Schedule, Task
 from hetero.passes.recognize.params import is_zero_copy
-from hetero.runtime.simulate import simulate_tasks
+from hetero.runtime.simulate import bytes_per_weight, simulate_tasks
 
-# Bytes one weight takes in each host format as packed (int8: a per-row scale besides, negligible; int4:
-# one bf16 scale per group of `group_size` weights along K).
-_BYTES = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int8-dynamic": 1.0}
 # Ops that read a few rows of their table (an embedding lookup), not all of it.
 _LOOKUPS = frozenset({"aten::embedding", "aten::index_select", "aten::index", "aten::gather"})
 
 
 def weight_bytes(fmt: str, weights: float, group_size: int = 32) -> float:
-    if fmt == "int4":
-        return weights * (0.5 + 2 / group_size)
-    return weights * _BYTES.get(fmt, 2.0)
+    """Bytes `weights` weights take in host format `fmt`, as packed."""
+    return weights * bytes_per_weight(fmt, group_size)
 
 
 @dataclass(frozen=True)
@@ -84,7 +80,15 @@ class Step:
         return max(self.busy, key=lambda k: self.busy[k]) if self.busy else "-"
 
 
-def predict(gm: fx.GraphModule, schedule: Schedule, profile: Profile, routing: Routing | None = None) -> Step:
+def predict(
+    gm: fx.GraphModule,
+    schedule: Schedule,
+    profile: Profile,
+    routing: Routing | None = None,
+    sequential: bool = False,
+) -> Step:
+    """The call's predicted time; `sequential`: the executor runs the tasks one after another (both roles
+    on this CPU, build.schedule_mode), so nothing overlaps."""
     routing = routing or Routing()
     shapes = {n.name: meta.val(n) for n in gm.graph.nodes if n.op == "placeholder"}
     devices = {s.role: s.device for s in schedule.streams if s.kind == "compute"}
@@ -96,7 +100,7 @@ def predict(gm: fx.GraphModule, schedule: Schedule, profile: Profile, routing: R
         for what, s in c.by.items():
             busy[what] = busy.get(what, 0.0) + s
     crossing = sum(t.bytes for t in schedule.tasks if t.kind == "transfer" and _crosses(t, devices))
-    return Step(sim.makespan, sim.sequential, busy, crossing)
+    return Step(sim.sequential if sequential else sim.makespan, sim.sequential, busy, crossing)
 
 
 def _all_nodes(gm: fx.GraphModule) -> list[fx.Node]:
@@ -195,7 +199,7 @@ def _linear(node: fx.Node, kernel: Any, shapes: dict[str, Any], profile: Profile
 
 def _kernel(profile: Profile, fmt: str, read: float, flops: float, cost: Cost, rows: int = 64) -> None:
     rates = profile.kernel(fmt)
-    by_bytes, by_flops = read / rates.decode_bytes, flops / rates.flops(max(rows, 2))
+    by_bytes, by_flops = read / rates.decode_bytes, flops / rates.flops(rows)
     cost.add(max(by_bytes, by_flops), "host bandwidth" if by_bytes >= by_flops else "host compute")
     cost.add(profile.host.overhead, "overheads")
 

@@ -15,9 +15,14 @@ group waits for nothing the host computes; partition gives it a partition of its
 and the schedule overlaps it with the host kernel. The hot experts' bytes are added to the accel side of
 `hetero.budget`. No weight value is read (the graph may hold meta tensors): binding copies the weights.
 
-How many: a whole N, clamped to each layer's experts (the clamp is noted in the report); "auto" splits what
-`accel_memory_budget` leaves after the parameters already on the accel evenly across the MoE layers
-(without a budget: none, a recorded fallback saying why).
+How many: a whole N, clamped to each layer's experts (the clamp is noted in the report). "auto": the N
+(the same for every layer, up to what `accel_memory_budget` leaves after the parameters already on the
+accel, split evenly across the MoE layers) with the least predicted MoE time per call, from the profile:
+under uniform routing T tokens of k picks reach 1 - (1 - 1/E)^(T k) of each group's experts; the host
+reads its cold ones at the host format's decode rate, a CUDA accel its hot ones at its bandwidth, the two
+at once, then the sum: max(hot, cold) + sum. On a CPU accel both groups read the same memory, so the time
+is hot + cold + sum and none hot wins (a recorded fallback says so). The runner-up is the N that fills
+the budget; the layer's note gives both predictions. Without a budget: none, a fallback saying why.
 
     before:  %moe_experts = hetero.moe_experts(%reshape, %ids, %w, [%s0], [%s1], [%d], 'silu')  @host
              %view = aten.view(%moe_experts, [2, 8, 64])  @accel
@@ -44,6 +49,7 @@ from hetero.compiler.pipeline import PassContext, PassResult
 from hetero.compiler.units import format_bytes
 from hetero.ops import ACTIVATIONS, MoeForm, moe_arguments
 from hetero.passes.recognize.params import is_zero_copy
+from hetero.runtime.simulate import bytes_per_weight, device_rates, host_format
 
 COUNTS_REWRITES = True  # one bisect step per layer
 
@@ -69,8 +75,8 @@ def hot_experts(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             ctx.diagnostics.fallback("hot_experts", node, f"no hot experts on the accel: {plan}")
         else:
             found.append(_Layer(node, plan))
-    chosen = _counts(asked, found, gm, ctx)
-    stats = {"hot.layers": 0, "hot.experts": 0, "hot.accel_bytes": 0, "hot.clamped": 0}
+    chosen, predicted = _counts(asked, found, gm, ctx)
+    stats = {"hot.layers": 0, "hot.experts": 0, "hot.accel_bytes": 0, "hot.clamped": 0, **predicted}
     for layer, (n, note) in zip(found, chosen, strict=True):
         stats["hot.clamped"] += isinstance(asked, int) and asked > layer.plan.experts
         if n == 0 or not ctx.allow(f"{n} hot experts of {layer.plan.layer}"):
@@ -166,8 +172,8 @@ class _Recipe:
 
 def _counts(
     asked: int | str, layers: list[_Layer], gm: fx.GraphModule, ctx: PassContext
-) -> list[tuple[int, str]]:
-    """(hot experts, the report's note) per layer."""
+) -> tuple[list[tuple[int, str]], dict[str, int]]:
+    """(hot experts, the report's note) per layer, and stats: what "auto" predicted (microseconds)."""
     if isinstance(asked, int):
         return [
             (
@@ -177,9 +183,9 @@ def _counts(
                 else f"asked for {asked}; the layer has {x.plan.experts} experts, all hot",
             )
             for x in layers
-        ]
+        ], {}
     if not layers:
-        return []
+        return [], {}
     budget = ctx.target.accel_memory_budget
     if budget is None:
         ctx.diagnostics.fallback(
@@ -189,17 +195,13 @@ def _counts(
             "the CPU); no hot experts",
             hint='options={"accel_memory_budget": "20GiB"} or a number of hot experts per layer',
         )
-        return [(0, "") for _ in layers]
+        return [(0, "") for _ in layers], {}
     spent = gm.meta[meta.BUDGET].accel_bytes if meta.BUDGET in gm.meta else 0
     left = max(0, budget - spent)
     share = left // len(layers)
-    out = []
-    for x in layers:
-        n = min(x.plan.experts, share // max(1, x.plan.expert_bytes))
-        out.append(
-            (n, f"auto: {format_bytes(share)} per layer of the {format_bytes(left)} the budget leaves")
-        )
-    if not any(n for n, _ in out):
+    fill = [min(x.plan.experts, share // max(1, x.plan.expert_bytes)) for x in layers]
+    filled = f"fills the {format_bytes(share)} per layer of the {format_bytes(left)} the budget leaves"
+    if not any(fill):
         ctx.diagnostics.fallback(
             "hot_experts",
             "<graph>",
@@ -207,7 +209,92 @@ def _counts(
             f"{format_bytes(share)} per MoE layer, less than one expert; no hot experts",
             hint="raise accel_memory_budget",
         )
-    return out
+        return [(0, "") for _ in layers], {}
+    prices = _MoePrices(ctx)
+
+    def seconds(n: int) -> float:
+        return sum(prices.seconds(x, min(n, cap)) for x, cap in zip(layers, fill, strict=True))
+
+    best = min(range(max(fill) + 1), key=lambda n: (seconds(n), n))
+    chosen, runner_up = [min(best, cap) for cap in fill], fill
+    t_best, t_fill = seconds(best), seconds(max(fill))
+    stats = {
+        "hot.predicted_us.chosen": round(t_best * 1e6),
+        "hot.predicted_us.runner_up": round(t_fill * 1e6),
+    }
+    if best == 0:
+        why = (
+            "the host reads the cold experts no slower than the hot ones would cost"
+            if prices.cuda
+            else "the accel is the CPU: both groups read the same memory, so hot experts save nothing"
+        )
+        ctx.diagnostics.fallback(
+            "hot_experts",
+            "<graph>",
+            f"accel_experts='auto': no hot experts has the least predicted MoE time, {_us(t_best)} per call "
+            f"for {len(layers)} layer(s), against {_us(t_fill)} with {max(fill)} per layer (which {filled}); "
+            f"{why}",
+            hint="a number of hot experts per layer, to hold them on the accel anyway",
+        )
+        return [(0, "") for _ in layers], stats
+    notes = []
+    for x, n, cap in zip(layers, chosen, runner_up, strict=True):
+        t_n, t_cap, t_none = prices.seconds(x, n), prices.seconds(x, cap), prices.seconds(x, 0)
+        if n == cap:
+            notes.append(
+                f"auto: {n}, which {filled}, has the least predicted MoE time: {_us(t_n)} per call "
+                f"(the runner-up is the same; none hot: {_us(t_none)})"
+            )
+        else:
+            notes.append(
+                f"auto: {n} by the least predicted MoE time, {_us(t_n)} per call; runner-up {cap}, which "
+                f"{filled}: {_us(t_cap)}"
+            )
+    return list(zip(chosen, notes, strict=True)), stats
+
+
+def _us(seconds: float) -> str:
+    return f"{seconds * 1e6:.1f} us"
+
+
+class _MoePrices:
+    """Predicted seconds of one MoE layer's experts per call with `hot` of them on the accel, from the
+    profile (the module docstring's formula)."""
+
+    def __init__(self, ctx: PassContext) -> None:
+        self.profile = ctx.target.profile
+        self.cuda = ctx.target.accel_device.type == "cuda"
+        self.accel = device_rates(self.profile)["cuda"]
+        self.host_dtype = ctx.config.host_dtype
+        self.group_size = ctx.config.host_group_size
+
+    def seconds(self, layer: _Layer, hot: int) -> float:
+        plan, host = layer.plan, self.profile.host
+        a = moe_arguments(layer.node.args, layer.node.kwargs)
+        ids = meta.val(a["topk_ids"])
+        picks = meta.numel_hint(ids)
+        rows = max(1, round(picks / plan.experts))  # an expert's rows, the kernel's regime
+        reach = 1 - (1 - 1 / plan.experts) ** picks  # that one expert is read, over all the picks
+        # An expert's FLOPs over the call: 2 per weight for each pick routed to it (picks / E of them).
+        flops = 2 * plan.expert_bytes / plan.dtype.itemsize * picks / plan.experts
+        fmt = host_format(self.host_dtype, plan.dtype)
+        rates = self.profile.kernel(fmt)
+        host_bytes = plan.expert_bytes / plan.dtype.itemsize * bytes_per_weight(fmt, self.group_size)
+        cold_n = plan.experts - hot
+        cold = (
+            max(cold_n * reach * host_bytes / rates.decode_bytes, cold_n * flops / rates.flops(rows))
+            + host.overhead
+        )
+        if hot == 0:
+            return cold
+        out = 3 * meta.tensor_nbytes(meta.val(layer.node))  # the sum reads two, writes one
+        if not self.cuda:
+            # The "accel" group runs on the same CPU from the same memory, at the model's own format.
+            own = self.profile.kernel(host_format("auto", plan.dtype))
+            hot_s = max(hot * reach * plan.expert_bytes / own.decode_bytes, hot * flops / own.flops(rows))
+            return cold + hot_s + host.overhead + out / host.bandwidth + host.op_overhead
+        hot_s = max(hot * reach * plan.expert_bytes / self.accel.bytes, hot * flops / self.accel.flops)
+        return max(cold, hot_s + self.accel.overhead) + out / self.accel.bytes + self.accel.overhead
 
 
 def _split(gm: fx.GraphModule, node: fx.Node, plan: HotExperts) -> None:

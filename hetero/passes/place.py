@@ -11,10 +11,19 @@ Decisions, in order:
 2. default policy: MoE experts and embedding tables of at least `host_embedding_bytes` go to
    host, everything else to accel;
 3. capability: a node whose role has no kernel for it moves to the other role (a fallback);
-4. budget: while accel's parameters exceed `accel_memory_budget`, the largest region that
-   may move goes to host;
+4. budget: while accel's parameters exceed `accel_memory_budget`, regions that may move go to host,
+   chosen to add the least predicted time per call (the profile's rates, below); the BudgetReport
+   says what that set and the runner-up rule (largest first, the rule before the cost model) predict;
 5. zero-copy views of parameters follow their consumers (a view read by both roles is
    duplicated), and getitem follows its producer, so no weight crosses devices per call.
+
+The cost of moving a region: its nodes' predicted seconds on the host minus on the accel, plus its
+activations crossing the link (a CUDA accel only). Host: max(weight bytes at the host kernel's format
+(host_dtype; "auto": the model's dtype) / the format's decode rate + other bytes / the host's read
+bandwidth, FLOPs / the format's FLOP/s at the node's rows). Accel: max(bytes / bandwidth, FLOPs / peak)
+of a CUDA accel; on a CPU accel the host's prices, so moving costs nothing and the order is largest
+first. The set: greedy by added seconds per byte freed until the parameters fit, then each moved
+region no longer needed (most costly first) goes back.
 
     before:  %grouped_mm_fallback = transformers.grouped_mm_fallback(...)  moe:layers.1.mlp.experts
     after:   %grouped_mm_fallback = transformers.grouped_mm_fallback(...)  @host  moe:layers.1.mlp.experts
@@ -22,19 +31,25 @@ Decisions, in order:
 
 from __future__ import annotations
 
+import dataclasses
 import operator
-from collections import defaultdict
+from collections import Counter, defaultdict
+from dataclasses import dataclass
 
+import torch
 from torch import fx
+from torch.utils._pytree import tree_flatten
 
 from hetero.compiler import capability, meta
 from hetero.compiler.config import Role
 from hetero.compiler.errors import PlacementError
 from hetero.compiler.meta import BudgetReport
 from hetero.compiler.pipeline import PassContext, PassResult
+from hetero.compiler.profile import BUILTIN
 from hetero.compiler.units import format_bytes
 from hetero.passes.recognize.engram import is_lookup_region
 from hetero.passes.recognize.params import is_zero_copy, param_sources
+from hetero.runtime.simulate import bytes_per_weight, device_rates, host_format
 
 _OTHER: dict[Role, Role] = {"accel": "host", "host": "accel"}
 
@@ -50,11 +65,23 @@ def place(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats["fallbacks"] += _ensure_capable(node, ctx)
     budget = ctx.target.accel_memory_budget
     before, _ = param_bytes_by_role(gm)
-    moved = _fit_budget(gm, nodes, ctx) if budget is not None and before > budget else []
+    choice = _fit_budget(gm, nodes, ctx) if budget is not None and before > budget else None
+    moved = choice.moved if choice is not None else ()
     stats["budget_moved_regions"] = len(moved)
+    if choice is not None:
+        stats["budget.predicted_us"] = round(choice.predicted_s * 1e6)
+        stats["budget.runner_up_us"] = round(choice.runner_up_s * 1e6)
     stats["duplicated_views"] = _align_zero_copy(gm)
     accel, host = param_bytes_by_role(gm)
-    report = BudgetReport(budget, before, accel, host, tuple(moved), budget is None or accel <= budget)
+    report = BudgetReport(budget, before, accel, host, moved, budget is None or accel <= budget)
+    if choice is not None:
+        report = dataclasses.replace(
+            report,
+            predicted_s=choice.predicted_s,
+            runner_up=choice.runner_up,
+            runner_up_s=choice.runner_up_s,
+            runner_up_same=choice.runner_up_same,
+        )
     gm.meta[meta.BUDGET] = report
     if not report.fits:
         ctx.diagnostics.fallback(
@@ -119,17 +146,34 @@ def _ensure_capable(node: fx.Node, ctx: PassContext) -> int:
     return 1
 
 
-def _fit_budget(gm: fx.GraphModule, nodes: list[fx.Node], ctx: PassContext) -> list[tuple[str, int]]:
-    """Move the largest movable regions to host until accel's parameters fit.
+@dataclass(frozen=True)
+class _Movable:
+    module: str
+    members: tuple[fx.Node, ...]
+    size: int  # bytes of the parameters only its nodes read
+    added: float  # predicted seconds per call that running it on the host adds
 
-    Returns (module, bytes) moved.
-    """
+
+@dataclass(frozen=True)
+class _Choice:
+    moved: tuple[tuple[str, int], ...]  # (module, bytes), in the order chosen
+    predicted_s: float
+    runner_up: str
+    runner_up_s: float
+    runner_up_same: bool
+
+
+def _fit_budget(gm: fx.GraphModule, nodes: list[fx.Node], ctx: PassContext) -> _Choice:
+    """Move to host the movable regions that free enough bytes with the least added time; the runner-up
+    rule (largest first) is priced too, for the report."""
     budget = ctx.target.accel_memory_budget
+    assert budget is not None
     groups: dict[str, list[fx.Node]] = defaultdict(list)
     for node in nodes:
         region = meta.region(node)
         groups[region.module if region else meta.module_path(node) or "<top>"].append(node)
     sizes = meta.param_sizes(gm)
+    prices = _Prices(gm, ctx)
     movable = []
     for module, members in groups.items():
         # Only regions wholly on accel, not pinned there by a user rule, and able to run on host.
@@ -139,16 +183,144 @@ def _fit_budget(gm: fx.GraphModule, nodes: list[fx.Node], ctx: PassContext) -> l
             continue
         own = {p for n in members for p in meta.cost(n).params}
         if own:
-            movable.append((sum(sizes[p] for p in own), module, members))
-    movable.sort(key=lambda m: (-m[0], m[1]))
-    moved = []
-    for size, module, members in movable:
-        if param_bytes_by_role(gm)[0] <= budget:
-            break
-        for n in members:
+            size = sum(sizes[p] for p in own)
+            movable.append(_Movable(module, tuple(members), size, prices.added(members)))
+    by_cost = sorted(movable, key=lambda m: (m.added / max(1, m.size), -m.size, m.module))
+    chosen = _drop_unneeded(_take_until_fit(gm, by_cost, budget), gm, budget)
+    largest = _take_until_fit(gm, sorted(movable, key=lambda m: (-m.size, m.module)), budget)
+    for m in chosen:
+        for n in m.members:
             meta.set_role(n, "host", f"budget: accel parameters exceed {format_bytes(budget)}")
-        moved.append((module, size))
-    return moved
+    names = ", ".join(m.module for m in largest) or "nothing"
+    return _Choice(
+        moved=tuple((m.module, m.size) for m in chosen),
+        predicted_s=sum(m.added for m in chosen),
+        runner_up=f"largest first: {names}",
+        runner_up_s=sum(m.added for m in largest),
+        runner_up_same={m.module for m in chosen} == {m.module for m in largest},
+    )
+
+
+class _AccelParams:
+    """The accel's parameter bytes as regions leave it (a parameter stays while an accel node reads it)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.sizes = meta.param_sizes(gm)
+        self.readers: Counter[str] = Counter()
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and meta.role(node) == "accel" and meta.cost(node) is not None:
+                self.readers.update(meta.cost(node).params)
+        self.nbytes = sum(self.sizes[p] for p in self.readers)
+
+    def move(self, m: _Movable, sign: int) -> None:
+        """Take `m` off the accel (sign -1) or put it back (+1)."""
+        for n in m.members:
+            for p in meta.cost(n).params:
+                was = self.readers[p]
+                self.readers[p] += sign
+                if (was > 0) != (self.readers[p] > 0):
+                    self.nbytes += sign * self.sizes[p]
+
+
+def _take_until_fit(gm: fx.GraphModule, order: list[_Movable], budget: int) -> list[_Movable]:
+    accel, taken = _AccelParams(gm), []
+    for m in order:
+        if accel.nbytes <= budget:
+            break
+        accel.move(m, -1)
+        taken.append(m)
+    return taken
+
+
+def _drop_unneeded(taken: list[_Movable], gm: fx.GraphModule, budget: int) -> list[_Movable]:
+    """`taken` less the regions the budget no longer needs moved, the most costly tried first."""
+    accel = _AccelParams(gm)
+    for m in taken:
+        accel.move(m, -1)
+    kept = list(taken)
+    for m in sorted(taken, key=lambda m: (-m.added, -m.size, m.module)):
+        accel.move(m, +1)
+        if accel.nbytes <= budget:
+            kept.remove(m)
+        else:
+            accel.move(m, -1)
+    return kept
+
+
+class _Prices:
+    """Predicted seconds of a node on each role, from the profile (the module docstring's formulas)."""
+
+    def __init__(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        self.profile = ctx.target.profile
+        self.cuda = ctx.target.accel_device.type == "cuda"
+        self.accel = device_rates(self.profile)["cuda"]
+        links = self.profile if self.profile.accel is not None else BUILTIN
+        self.h2d, self.d2h = links.link_h2d, links.link_d2h
+        self.host_dtype = ctx.config.host_dtype
+        self.group_size = ctx.config.host_group_size
+        self.weights = {
+            n.name: meta.val(n)
+            for n in gm.graph.nodes
+            if n.op == "placeholder" and meta.param(n) is not None and not meta.param(n).is_buffer
+        }
+
+    def added(self, members: list[fx.Node]) -> float:
+        """Seconds per call `members` add on the host: their compute, and their activations crossing."""
+        seconds = sum(self.host(n) - self.on_accel(n) for n in members)
+        if not self.cuda:
+            return seconds
+        inside = set(members)
+        inputs = {a for n in members for a in n.all_input_nodes if a not in inside and _activation(a)}
+        outputs = [n for n in members if any(u not in inside and meta.role(u) == "accel" for u in n.users)]
+        if self.d2h:
+            seconds += sum(_nbytes(a) for a in inputs) / self.d2h
+        if self.h2d:
+            seconds += sum(_nbytes(n) for n in outputs) / self.h2d
+        return seconds
+
+    def host(self, node: fx.Node) -> float:
+        cost = meta.cost(node)
+        if cost is None or is_zero_copy(node):
+            return 0.0
+        weights, weight_bytes, matrix_bytes, fmt = 0, 0.0, 0, None
+        for p in cost.params:
+            w = self.weights.get(p)
+            if w is None or w.dim() < 2 or not w.dtype.is_floating_point:
+                continue  # a buffer, bias or norm scale: read as the other bytes are
+            fmt = host_format(self.host_dtype, w.dtype)
+            count = meta.numel_hint(w)
+            weights += count
+            weight_bytes += count * bytes_per_weight(fmt, self.group_size)
+            matrix_bytes += count * w.element_size()
+        plain = max(0, cost.bytes - matrix_bytes)  # activations, biases, norm scales
+        rates = self.profile.kernel(fmt or host_format("auto", _dtype(node)))
+        # A linear's rows: the FLOPs it does per weight (2 per row); other ops run at the prefill rate.
+        rows = max(1, round(cost.flops / (2 * weights))) if weights else 64
+        read = weight_bytes / rates.decode_bytes + plain / self.profile.host.bandwidth
+        return max(read, cost.flops / rates.flops(rows))
+
+    def on_accel(self, node: fx.Node) -> float:
+        """A CUDA accel's time; on a CPU accel the host's (its linears read host_dtype's format too)."""
+        if not self.cuda:
+            return self.host(node)
+        cost = meta.cost(node)
+        if cost is None or is_zero_copy(node):
+            return 0.0
+        return max(cost.bytes / self.accel.bytes, cost.flops / self.accel.flops)
+
+
+def _activation(node: fx.Node) -> bool:
+    """A value computed per call (not a parameter or a view of one) that lives on the accel."""
+    return node.op == "call_function" and meta.role(node) == "accel" and not _views_parameter(node)
+
+
+def _nbytes(node: fx.Node) -> int:
+    return sum(meta.tensor_nbytes(t) for t in tree_flatten(meta.val(node))[0])
+
+
+def _dtype(node: fx.Node) -> torch.dtype:
+    values = [t for t in tree_flatten(meta.val(node))[0] if isinstance(t, torch.Tensor)]
+    return values[0].dtype if values else torch.float32
 
 
 def param_bytes_by_role(gm: fx.GraphModule) -> tuple[int, int]:

@@ -9,7 +9,8 @@ the reason, and the graph stays whole; "auto" quietly keeps N = 1 then.
 
 How N is picked for "auto": with accel time A and host time H from the cost model, N micro-batches
 take about max(A, H) + min(A, H) / N plus a fixed cost per task for each extra micro-batch; the
-smallest such N in (1, 2, 4, 8) dividing B wins.
+smallest such N in (1, 2, 4, 8) dividing B wins. The stats say what was predicted for it and for the
+runner-up (the next best N): `predicted_us.chosen`, `runner_up`, `predicted_us.runner_up`.
 
     before:  %view = aten.view(%mm, [4, 8, 64])          (batch 4)
     after:   %view = aten.view(%mm, [2, 8, 64])          (one of 2 micro-batches)
@@ -36,18 +37,20 @@ def split_batch(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     plan = analyze(gm)
     if isinstance(plan, str):
         return _whole(gm, ctx, asked, f"the graph is not batch-separable: {plan}")
-    n = asked if asked != "auto" else pick(gm, ctx, plan)
+    n, predicted = (asked, {}) if asked != "auto" else pick(gm, ctx, plan)
     if plan.batch % n:
         return _whole(gm, ctx, asked, f"{n} micro-batches do not divide the batch of {plan.batch}")
     if n == 1:
-        return PassResult(gm, changed=False, stats={"micro_batches": 1})
+        return PassResult(gm, changed=False, stats={"micro_batches": 1, **predicted})
     result = split(gm, plan, n)
     result.meta.update(gm.meta)
     result.meta[meta.BATCH_PLAN] = (plan, n)
-    return PassResult(result, changed=True, stats={"micro_batches": n, "batch": plan.batch})
+    return PassResult(result, changed=True, stats={"micro_batches": n, "batch": plan.batch, **predicted})
 
 
-def pick(gm: fx.GraphModule, ctx: PassContext, plan: BatchPlan) -> int:
+def pick(gm: fx.GraphModule, ctx: PassContext, plan: BatchPlan) -> tuple[int, dict[str, int]]:
+    """The N with the least predicted makespan, and the stats saying what it and the runner-up predict
+    (microseconds; no runner-up when only N = 1 divides the batch)."""
     seconds = {"accel": 0.0, "host": 0.0}
     by_device = device_rates(ctx.target.profile)
     for node in gm.graph.nodes:
@@ -62,7 +65,12 @@ def pick(gm: fx.GraphModule, ctx: PassContext, plan: BatchPlan) -> int:
     def makespan(n: int) -> float:
         return longer + shorter / n + (n - 1) * max(tasks, 1) * _TASK_SECONDS
 
-    return min((n for n in _CHOICES if plan.batch % n == 0), key=makespan)
+    ranked = sorted((n for n in _CHOICES if plan.batch % n == 0), key=lambda n: (makespan(n), n))
+    stats = {"predicted_us.chosen": round(makespan(ranked[0]) * 1e6)}
+    if len(ranked) > 1:
+        stats["runner_up"] = ranked[1]
+        stats["predicted_us.runner_up"] = round(makespan(ranked[1]) * 1e6)
+    return ranked[0], stats
 
 
 def _whole(gm: fx.GraphModule, ctx: PassContext, asked: int | str, reason: str) -> PassResult:

@@ -7,13 +7,17 @@ stream is free and the tasks it waits for have finished.
 `estimator` is the cost model: a task takes max(flops / peak, bytes / bandwidth) of its device plus
 a fixed cost per task (a launch, a thread hand-off); transfers between two CPU roles are free. The
 figures come from a machine profile (hetero/compiler/profile.py: `hetero calibrate`, a preset, or
-BUILTIN's rough ones, which RATES holds).
+BUILTIN's rough ones, which RATES holds). `host_format` and `bytes_per_weight` say what a host kernel
+reads: the passes that choose by predicted time (place's budget, split_batch and hot_experts "auto")
+price host weights with them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+
+import torch
 
 from hetero.compiler.profile import BUILTIN, Profile
 from hetero.compiler.schedule_ir import Schedule, Task
@@ -38,6 +42,26 @@ def device_rates(profile: Profile) -> dict[str, Rates]:
         "cuda": Rates(flops=accel.flops, bytes=accel.bandwidth, overhead=accel.overhead),
         "cpu": Rates(flops=kernel.prefill_flops, bytes=host.bandwidth, overhead=host.overhead),
     }
+
+
+# Bytes one weight takes in each host format as its kernel reads it (int8: a per-row scale besides,
+# negligible; int4: bytes_per_weight adds one bf16 scale per group).
+_BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int8-dynamic": 1.0}
+_FORMAT_OF = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+
+def host_format(host_dtype: str, dtype: torch.dtype) -> str:
+    """The format a host kernel reads weights of `dtype` in under option host_dtype ("auto": the model's
+    own; a dtype without a host format of its own, fp16 say, is priced as bf16: the same bytes)."""
+    return host_dtype if host_dtype != "auto" else _FORMAT_OF.get(dtype, "bf16")
+
+
+def bytes_per_weight(fmt: str, group_size: int = 32) -> float:
+    """Bytes a host kernel in format `fmt` reads per weight (int4: half a byte and a bf16 scale per
+    `group_size` weights)."""
+    if fmt == "int4":
+        return 0.5 + 2 / group_size
+    return _BYTES_PER_WEIGHT.get(fmt, 2.0)
 
 
 # The built-in rough figures (hetero/compiler/profile.py BUILTIN); the ordering they drive needs ratios,

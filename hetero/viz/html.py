@@ -10,7 +10,7 @@ import re
 from html import escape
 from typing import Any
 
-from hetero.compiler.report import PARTITION_HEADERS, REGION_HEADERS, partition_row, region_row
+from hetero.compiler.report import PARTITION_HEADERS, REGION_HEADERS, budget_choice, partition_row, region_row
 from hetero.compiler.units import format_bytes
 
 _STYLE = """
@@ -111,7 +111,8 @@ def _memory(summary: dict[str, Any]) -> str:
     ]
     moved = "".join(f"<li>{escape(m['module'])} ({format_bytes(m['bytes'])})</li>" for m in b["moved"])
     text = _table("memory", ["role", "parameters", "budget"], rows, role_column=0)
-    return text + (f"<p>Moved to host to fit the budget:</p><ul>{moved}</ul>" if moved else "")
+    text += f"<p>Moved to host to fit the budget:</p><ul>{moved}</ul>" if moved else ""
+    return text + (f"<p>{escape(budget_choice(b))}</p>" if budget_choice(b) else "")
 
 
 def _passes(passes: list[dict[str, Any]]) -> str:
