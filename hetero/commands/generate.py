@@ -30,9 +30,10 @@ from hetero import zoo
 from hetero.checkpoint import load_pretrained
 from hetero.commands import progress
 from hetero.compiler.config import HeteroConfig, Target
-from hetero.compiler.errors import CheckpointError, ConfigError, HeteroError
+from hetero.compiler.errors import CheckpointError, ConfigError
 from hetero.compiler.report import Report, collect_reports
 from hetero.compiler.units import format_bytes
+from hetero.driver.explain import hetero_cause
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DEFAULT_PROMPT = "Once upon a time"
@@ -434,7 +435,7 @@ def run(request: Request, rss: Callable[[], tuple[int, int]], out: Any = None) -
         )
         prefill_s = warm_prefill(forward, call, ids, loaded.new_cache)
     except Exception as e:
-        cause = _hetero_cause(e)
+        cause = hetero_cause(e)
         if cause is None:
             raise
         raise cause.with_traceback(None) from e  # hetero's own error, not Dynamo's wrapper of it
@@ -450,12 +451,3 @@ def _input_device(model: Any) -> torch.device:
         return model.get_input_embeddings().weight.device
     except (AttributeError, NotImplementedError):
         return next(model.parameters()).device
-
-
-def _hetero_cause(error: BaseException) -> HeteroError | None:
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, HeteroError):
-            return seen
-        seen = getattr(seen, "inner_exception", None) or seen.__cause__
-    return None

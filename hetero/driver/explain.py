@@ -40,7 +40,7 @@ def compile_and_run(
             for _ in range(calls):
                 output = compiled(*example_inputs)
         except Exception as e:
-            cause = _hetero_cause(e)
+            cause = hetero_cause(e)
             if cause is None:
                 raise
             raise cause.with_traceback(None) from e  # hetero's own error, not Dynamo's wrapper of it
@@ -100,7 +100,8 @@ def _experts_no_graph_held(
     ]
 
 
-def _hetero_cause(error: BaseException) -> HeteroError | None:
+def hetero_cause(error: BaseException) -> HeteroError | None:
+    """hetero's own error inside what Dynamo raised (its wrappers keep it as a cause), or None."""
     seen = error
     while seen is not None:
         if isinstance(seen, HeteroError):

@@ -38,6 +38,7 @@ from hetero.compiler.units import format_bytes
 from hetero.compiler.weights import ParamValues
 from hetero.driver.build import schedule_mode
 from hetero.driver.capture import annotate_params, flat_inputs
+from hetero.driver.explain import hetero_cause
 from hetero.driver.plan_memory import (
     accel_regions,
     fit,
@@ -388,22 +389,13 @@ def _pipeline(
         except HeteroError:
             raise
         except Exception as e:
-            cause = _hetero_cause(e)
+            cause = hetero_cause(e)
             if cause is not None:
                 raise cause from None
             raise PlanError(f"plan: this model does not capture as one graph on the meta device: {e}") from e
     if not done:
         raise PlanError("plan: Dynamo captured no graph of the model")
     return done[-1]
-
-
-def _hetero_cause(error: BaseException) -> HeteroError | None:
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, HeteroError):
-            return seen
-        seen = getattr(seen, "inner_exception", None) or seen.__cause__
-    return None
 
 
 def _moved_cost(
