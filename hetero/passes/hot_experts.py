@@ -49,6 +49,7 @@ from hetero.compiler.pipeline import PassContext, PassResult
 from hetero.compiler.units import format_bytes
 from hetero.ops import ACTIVATIONS, MoeForm, moe_arguments
 from hetero.passes.recognize.params import is_zero_copy
+from hetero.passes.recognize.weight_recipe import WeightRecipe, parameter
 from hetero.runtime.simulate import bytes_per_weight, device_rates, host_format
 
 COUNTS_REWRITES = True  # one bisect step per layer
@@ -104,7 +105,7 @@ def _plan(node: fx.Node) -> HotExperts | str:
     if not dtype.is_floating_point:
         return f"hidden states are {dtype}"
     biases = [a[k] for k in ("gate_bias", "up_bias", "down_bias")]
-    recipe = _Recipe()
+    recipe = WeightRecipe(parameter)
     lists = []
     for weights in (a["gate"], a["up"], a["down"], *biases):
         items = recipe.take_all(list(weights or ()))
@@ -131,43 +132,6 @@ def _plan(node: fx.Node) -> HotExperts | str:
         recipe=recipe.finish(tuple(lists)),
         form=form,
     )
-
-
-class _Recipe:
-    """The graph computing the experts' weight lists from parameter placeholders (views only)."""
-
-    def __init__(self) -> None:
-        self.graph = fx.Graph()
-        self.env: dict[fx.Node, fx.Node] = {}
-        self.names: list[str] = []
-        self.sources: list[fx.Node] = []
-
-    def take(self, value: fx.Node) -> fx.Node | str:
-        if value in self.env:
-            return self.env[value]
-        if value.op == "placeholder" and meta.param(value) is not None:
-            self.names.append(value.name)
-            self.sources.append(value)
-            # Positional names keep the recipe the same in every graph of the model (a memo key).
-            self.env[value] = self.graph.placeholder(f"w{len(self.names) - 1}")
-        elif value.op == "call_function" and is_zero_copy(value):
-            for a in value.all_input_nodes:
-                problem = self.take(a)
-                if isinstance(problem, str):
-                    return problem
-            self.env[value] = self.graph.node_copy(value, self.env.__getitem__)
-        else:
-            return f"its weights come from {value.op} {value.target}, not from views of parameters"
-        return self.env[value]
-
-    def take_all(self, values: list[fx.Node]) -> list[fx.Node] | str:
-        items = [self.take(v) for v in values]
-        problems = [i for i in items if isinstance(i, str)]
-        return problems[0] if problems else items
-
-    def finish(self, outputs: tuple[object, ...]) -> fx.GraphModule:
-        self.graph.output(outputs)
-        return fx.GraphModule(torch.nn.Module(), self.graph)
 
 
 def _counts(

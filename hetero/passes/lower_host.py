@@ -28,6 +28,7 @@ that stay on the accel role, or unlowered, run whole on every rank: recorded as 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -40,6 +41,7 @@ from hetero.compiler.ops import transfer
 from hetero.compiler.pipeline import PassContext, PassResult
 from hetero.ops import ACTIVATIONS, MoeForm, moe_arguments
 from hetero.passes.recognize.params import is_zero_copy, param_sources
+from hetero.passes.recognize.weight_recipe import WeightRecipe
 
 _DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
@@ -111,47 +113,18 @@ def lower_host(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(gm, changed=bool(lowered or linears), stats=stats)
 
 
-class _Recipe:
-    """Builds the graph that computes a kernel's weights from the model's parameters (views only)."""
+def _call_source(sub: fx.GraphModule, call: fx.Node) -> Callable[[fx.Node], fx.Node | None]:
+    """For a recipe read from partition `sub`: its placeholder -> the top-level parameter placeholder the
+    partition call passes it (through a transfer), or None."""
+    inputs = [p for p in sub.graph.nodes if p.op == "placeholder"]
 
-    def __init__(self, sub: fx.GraphModule, call: fx.Node) -> None:
-        self.call = call
-        self.inputs = [p for p in sub.graph.nodes if p.op == "placeholder"]
-        self.graph = fx.Graph()
-        self.env: dict[fx.Node, fx.Node] = {}
-        self.names: list[str] = []
+    def source(value: fx.Node) -> fx.Node | None:
+        arg = call.args[inputs.index(value)]
+        if isinstance(arg, fx.Node) and arg.target is transfer:
+            arg = arg.args[0]
+        return arg if isinstance(arg, fx.Node) and arg.op == "placeholder" and meta.param(arg) else None
 
-    def take(self, value: fx.Node | None) -> fx.Node | str | None:
-        """The recipe's copy of a weight value, or why it is not a view of parameters."""
-        if value is None or value in self.env:
-            return None if value is None else self.env[value]
-        if value.op == "placeholder":
-            source = self.call.args[self.inputs.index(value)]
-            if isinstance(source, fx.Node) and source.target is transfer:
-                source = source.args[0]
-            if not (isinstance(source, fx.Node) and source.op == "placeholder" and meta.param(source)):
-                return "its weights are computed at run time, not read from parameters"
-            self.names.append(source.name)
-            # Positional names keep the recipe's code the same in every graph of the model (a memo key).
-            self.env[value] = self.graph.placeholder(f"w{len(self.names) - 1}")
-        elif value.op == "call_function" and is_zero_copy(value):
-            for a in value.all_input_nodes:
-                problem = self.take(a)
-                if isinstance(problem, str):
-                    return problem
-            self.env[value] = self.graph.node_copy(value, self.env.__getitem__)
-        else:
-            return f"its weights come from {value.target}, not from views of parameters"
-        return self.env[value]
-
-    def take_all(self, values: list[fx.Node | None]) -> list[fx.Node | None] | str:
-        items = [self.take(v) for v in values]
-        problems = [i for i in items if isinstance(i, str)]
-        return problems[0] if problems else items
-
-    def finish(self, outputs: tuple[object, ...]) -> tuple[tuple[str, ...], fx.GraphModule]:
-        self.graph.output(outputs)
-        return tuple(self.names), fx.GraphModule(torch.nn.Module(), self.graph)
+    return source
 
 
 def _host_dtype(
@@ -210,7 +183,7 @@ def _plan(node: fx.Node, sub: fx.GraphModule, call: fx.Node, ctx: PassContext) -
     dtype = _host_dtype(ctx, hidden, loaded=loaded)
     if dtype is None:
         return f"hidden states are {meta.val(hidden).dtype}; host kernels compute in fp32 or bf16"
-    recipe = _Recipe(sub, call)
+    recipe = WeightRecipe(_call_source(sub, call))
     lists = []
     for weights in (a["gate"], a["up"], a["down"], *(b for b in biases if b is not None)):
         items = recipe.take_all(list(weights))
@@ -221,7 +194,7 @@ def _plan(node: fx.Node, sub: fx.GraphModule, call: fx.Node, ctx: PassContext) -
         # (gate, up, down, gate_bias, up_bias, down_bias): a missing bias is an empty list.
         given = iter(lists[3:])
         lists[3:] = [next(given) if b is not None else [] for b in biases]
-    names, graph = recipe.finish(tuple(lists))
+    graph, names = recipe.finish(tuple(lists)), tuple(recipe.names)
     gate = a["gate"]
     experts = len(gate) if len(gate) > 1 else meta.size_hint(meta.val(gate[0]).shape[0])
     group = loaded[1] if loaded is not None and loaded[0] == dtype == "int4" else ctx.config.host_group_size
@@ -309,12 +282,12 @@ def _lower_linears(sub: fx.GraphModule, call: fx.Node, ctx: PassContext) -> int:
         dtypes[key] = dtype
     lowered = 0
     for key, members in groups.items():
-        recipe = _Recipe(sub, call)
+        recipe = WeightRecipe(_call_source(sub, call))
         weights = recipe.take_all([w for _, _, w, _ in members])
         biases = recipe.take_all([b for _, _, _, b in members])
         if isinstance(weights, str) or isinstance(biases, str):
             continue
-        names, graph = recipe.finish((weights, biases))
+        graph, names = recipe.finish((weights, biases)), tuple(recipe.names)
         x = members[0][1]
         widths = [meta.size_hint(meta.val(n).shape[1]) for n, *_ in members]
         kernel = HostKernel("linear", "onednn", dtypes[key], names, graph, len(members), group_size=key[-1])
