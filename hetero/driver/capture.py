@@ -101,10 +101,10 @@ def graph_name() -> str:
     return "graph_" + re.sub(r"[^0-9A-Za-z]+", "_", str(compile_id)).strip("_") if compile_id else "graph"
 
 
-def capture_graph(model: torch.nn.Module, *example_inputs: Any) -> fx.GraphModule:
+def capture_graph(model: torch.nn.Module, *example_inputs: Any, **kwargs: Any) -> fx.GraphModule:
     """The ATen inference graph hetero's pipeline would start from, parameters annotated, no pass run.
 
-    For tests and debugging; the model must compile to one graph (no graph breaks).
+    For tests, debugging and `hetero plan`; the model must compile to one graph (no graph breaks).
     """
     from torch._dynamo.backends.common import aot_autograd  # lazy: `import hetero` stays without Dynamo
 
@@ -121,5 +121,5 @@ def capture_graph(model: torch.nn.Module, *example_inputs: Any) -> fx.GraphModul
         return aot_autograd(fw_compiler=keep)(gm, inputs)
 
     with torch.no_grad():
-        torch.compile(model, backend=backend, fullgraph=True)(*example_inputs)
+        torch.compile(model, backend=backend, fullgraph=True)(*example_inputs, **kwargs)
     return captured[0]

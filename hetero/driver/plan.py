@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,14 +30,12 @@ from torch import fx
 
 from hetero.compiler import meta
 from hetero.compiler.config import HeteroConfig, Target
-from hetero.compiler.errors import HeteroError
 from hetero.compiler.pipeline import Diagnostics, PassContext, pipeline_for, run_pipeline
 from hetero.compiler.profile import Profile
 from hetero.compiler.units import format_bytes
 from hetero.compiler.weights import ParamValues
 from hetero.driver.build import schedule_mode
-from hetero.driver.capture import annotate_params, flat_inputs
-from hetero.driver.explain import hetero_cause
+from hetero.driver.capture import capture_graph
 from hetero.driver.plan_memory import (
     accel_regions,
     fit,
@@ -363,39 +360,17 @@ def _pipeline(
 ) -> tuple[fx.GraphModule, list[str]]:
     """Capture one call of `model` (meta weights) and run the pass pipeline on it, up to the Schedule."""
     import torch._dynamo
-    from torch._dynamo.backends.common import aot_autograd
 
-    done: list[tuple[fx.GraphModule, list[str]]] = []
-
-    def backend(gm: fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
-        flat, infos = flat_inputs(gm, inputs)
-
-        def run(aot_gm: fx.GraphModule, fake_inputs: Sequence[Any]) -> Callable[..., Any]:
-            annotate_params(aot_gm, infos)
-            holders = [n for n in aot_gm.graph.nodes if n.op == "placeholder"]
-            values = ParamValues(
-                {holders[i].name: t for i, (t, info) in enumerate(zip(flat, infos, strict=True)) if info}
-            )
-            ctx = PassContext(config, target, Diagnostics(False), "plan", values)
-            placed, _ = run_pipeline(aot_gm, ctx, pipeline_for(config), out=open(os.devnull, "w"))
-            done.append((placed, [f"{f.module or f.node}: {f.reason}" for f in ctx.diagnostics.fallbacks]))
-            return aot_gm.forward
-
-        return aot_autograd(fw_compiler=run)(gm, inputs)
-
-    with torch._dynamo.config.patch(recompile_limit=1024, accumulated_recompile_limit=4096), torch.no_grad():
+    # Every cut model is a new module of the same class: Dynamo counts each as a recompile of its forward.
+    with torch._dynamo.config.patch(recompile_limit=1024, accumulated_recompile_limit=4096):
         try:
-            torch.compile(model, backend=backend, fullgraph=True)(*args, **kwargs)
-        except HeteroError:
-            raise
+            gm = capture_graph(model, *args, **kwargs)
         except Exception as e:
-            cause = hetero_cause(e)
-            if cause is not None:
-                raise cause from None
             raise PlanError(f"plan: this model does not capture as one graph on the meta device: {e}") from e
-    if not done:
-        raise PlanError("plan: Dynamo captured no graph of the model")
-    return done[-1]
+    ctx = PassContext(config, target, Diagnostics(False), "plan", ParamValues.from_model(gm, model))
+    with open(os.devnull, "w") as quiet:
+        placed, _ = run_pipeline(gm, ctx, pipeline_for(config), out=quiet)
+    return placed, [f"{f.module or f.node}: {f.reason}" for f in ctx.diagnostics.fallbacks]
 
 
 def _moved_cost(

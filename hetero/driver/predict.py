@@ -32,7 +32,7 @@ from hetero.compiler import meta
 from hetero.compiler.profile import Profile
 from hetero.compiler.schedule_ir import Schedule, Task
 from hetero.passes.recognize.params import is_zero_copy
-from hetero.runtime.simulate import bytes_per_weight, simulate_tasks
+from hetero.runtime.simulate import bytes_per_weight, host_format, simulate_tasks
 
 # Ops that read a few rows of their table (an embedding lookup), not all of it.
 _LOOKUPS = frozenset({"aten::embedding", "aten::index_select", "aten::index", "aten::gather"})
@@ -142,7 +142,7 @@ def _task_cost(
             continue
         kernel = node.meta.get(meta.LOWERING)
         if kernel is not None and getattr(kernel, "kind", None) == "moe":
-            _moe(node, kernel, shapes, profile, routing, hot, cost, cuda)
+            _moe(node, kernel, shapes, profile, routing, hot, cost)
         elif kernel is not None and getattr(kernel, "kind", None) == "linear":
             _linear(node, kernel, shapes, profile, cost)
         elif node.target is torch.ops.hetero.hot_experts.default:
@@ -174,21 +174,23 @@ def _moe(
     routing: Routing,
     hot: dict[str, Any],
     cost: Cost,
-    cuda: bool,
 ) -> None:
-    tokens = _rows(node)
-    k = meta.size_hint(meta.val(node.args[1]).shape[-1])
     experts = kernel.experts
     per_expert = _numel(shapes, kernel.params) / experts
     region = meta.region(node)
     layer_hot = hot.get(region.module if region else "")
     first_cold = layer_hot.hot if layer_hot is not None else 0
-    p = routing.probabilities(experts)[first_cold:]
-    touched = sum(1 - (1 - pe) ** (tokens * k) for pe in p)
-    pairs = tokens * k * sum(p)
+    touched, pairs = _routed(node, routing.probabilities(experts)[first_cold:])
     read = weight_bytes(kernel.dtype, per_expert * touched, kernel.group_size)
     flops = 2 * pairs * per_expert
     _kernel(profile, kernel.dtype, read, flops, cost, round(pairs / max(touched, 1e-9)))
+
+
+def _routed(node: fx.Node, probabilities: Sequence[float]) -> tuple[float, float]:
+    """(experts read, token/expert pairs computed) of a group of experts whose picks have these
+    probabilities, for the node's T tokens of k picks: expert e is read with 1 - (1 - p_e)^(T k)."""
+    picks = _rows(node) * meta.size_hint(meta.val(node.args[1]).shape[-1])
+    return sum(1 - (1 - p) ** picks for p in probabilities), picks * sum(probabilities)
 
 
 def _linear(node: fx.Node, kernel: Any, shapes: dict[str, Any], profile: Profile, cost: Cost) -> None:
@@ -205,20 +207,20 @@ def _kernel(profile: Profile, fmt: str, read: float, flops: float, cost: Cost, r
 
 
 def _hot_group(node: fx.Node, hot: Any, profile: Profile, routing: Routing, cost: Cost, cuda: bool) -> None:
-    tokens = _rows(node)
-    k = meta.size_hint(meta.val(node.args[1]).shape[-1])
-    p = routing.probabilities(hot.experts)[: hot.hot]
-    touched = sum(1 - (1 - pe) ** (tokens * k) for pe in p)
-    pairs = tokens * k * sum(p)
-    element = torch.empty((), dtype=hot.dtype)
-    per_expert_weights = hot.expert_bytes / element.element_size()
-    read, flops = touched * hot.expert_bytes, 2 * pairs * per_expert_weights
+    touched, pairs = _routed(node, routing.probabilities(hot.experts)[: hot.hot])
+    read, flops = touched * hot.expert_bytes, 2 * pairs * hot.expert_bytes / hot.dtype.itemsize
     if cuda and profile.accel is not None:
-        by_bytes, by_flops = read / profile.accel.bandwidth, flops / profile.accel.flops
-        cost.add(max(by_bytes, by_flops), "accel bandwidth" if by_bytes >= by_flops else "accel compute")
-        cost.add(profile.accel.overhead, "overheads")
+        _on_accel(profile, read, flops, cost)
     else:
-        _kernel(profile, "bf16" if element.element_size() == 2 else "fp32", read, flops, cost)
+        _kernel(profile, host_format("auto", hot.dtype), read, flops, cost)
+
+
+def _on_accel(profile: Profile, moved: float, flops: float, cost: Cost) -> None:
+    """A CUDA kernel: the roofline of the accel's bandwidth and peak, and a launch."""
+    assert profile.accel is not None
+    by_bytes, by_flops = moved / profile.accel.bandwidth, flops / profile.accel.flops
+    cost.add(max(by_bytes, by_flops), "accel bandwidth" if by_bytes >= by_flops else "accel compute")
+    cost.add(profile.accel.overhead, "overheads")
 
 
 def _plain(node: fx.Node, profile: Profile, cost: Cost, cuda: bool) -> None:
@@ -230,9 +232,7 @@ def _plain(node: fx.Node, profile: Profile, cost: Cost, cuda: bool) -> None:
     if name in _LOOKUPS:  # the rows it gathers and the result, not the whole table
         moved = 2 * sum(meta.tensor_nbytes(t) for t in tree_leaves(meta.val(node)))
     if cuda and profile.accel is not None:
-        by_bytes, by_flops = moved / profile.accel.bandwidth, flops / profile.accel.flops
-        cost.add(max(by_bytes, by_flops), "accel bandwidth" if by_bytes >= by_flops else "accel compute")
-        cost.add(profile.accel.overhead, "overheads")
+        _on_accel(profile, moved, flops, cost)
         return
     rates = profile.kernel("bf16")
     by_bytes, by_flops = moved / profile.host.bandwidth, flops / rates.prefill_flops
